@@ -1,0 +1,1 @@
+../ztproxy/identity/pki.py

@@ -1,0 +1,238 @@
+#!/usr/bin/python
+"""Ansible module ztmesh_facts: what this host can do for the ztmesh node data plane."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: ztmesh_facts
+short_description: Gather the host capabilities the ztmesh node data plane depends on
+description:
+  - Reports the kernel release, which tunnel kinds the kernel can create, TPROXY and the socket match,
+    ipset (kernel and tool), the iptables backend in use (legacy or nf_tables, detected like
+    kube-proxy and Calico do), IP forwarding and network namespace support.
+  - Capabilities are tested, not guessed from configuration files. Each test runs in a throwaway
+    network namespace of its own (a forked child that unshares its network namespace), so gathering
+    facts never changes the host; the kernel may load a module on demand, as it would for the real thing.
+version_added: "0.1.0"
+author:
+  - ztmesh contributors
+requirements:
+  - root (the probes create network namespaces)
+  - pyroute2 on the managed node (for the tunnel probes; without it they report false)
+options:
+  netns:
+    description:
+      - Named network namespace (C(/run/netns/<name>)) whose C(ip_forward) and iptables backend are
+        reported; default is the task's namespace.
+    type: str
+notes:
+  - Supports check mode (it changes nothing in either mode).
+"""
+
+EXAMPLES = r"""
+- name: Gather ztmesh facts
+  ztmesh_facts:
+
+- name: Stop early on a kernel without Geneve when Geneve is asked for
+  ansible.builtin.assert:
+    that: ansible_facts.ztmesh.tunnel_kinds[ztmesh_tunnel_kind]
+    fail_msg: >-
+      This kernel cannot create {{ ztmesh_tunnel_kind }} links; set ztmesh_tunnel_kind to
+      {{ 'vxlan' if ztmesh_tunnel_kind == 'geneve' else 'geneve' }}.
+"""
+
+RETURN = r"""
+ansible_facts:
+  description: Facts added to the host.
+  returned: always
+  type: dict
+  contains:
+    ztmesh:
+      description: Host capabilities for ztmesh.
+      returned: always
+      type: dict
+      contains:
+        kernel:
+          description: Kernel release (C(uname -r)).
+          type: str
+          returned: always
+          sample: 6.1.0-18-cloud-amd64
+        tunnel_kinds:
+          description: Whether the kernel can create each tunnel kind.
+          type: dict
+          returned: always
+          sample: {geneve: false, vxlan: true}
+        tunnel_kind_errors:
+          description: For each kind that cannot be created, the kernel's answer.
+          type: dict
+          returned: always
+          sample: {geneve: "(95, 'Operation not supported')"}
+        tproxy:
+          description: Whether an iptables TPROXY rule can be installed (C(xt_TPROXY)).
+          type: bool
+          returned: always
+        socket_match:
+          description: Whether an iptables C(-m socket --transparent) rule can be installed (C(xt_socket)).
+          type: bool
+          returned: always
+        ipset:
+          description: ipset support.
+          type: dict
+          returned: always
+          contains:
+            kernel:
+              description: Whether the kernel can create a C(hash:ip) set.
+              type: bool
+              returned: always
+            tool:
+              description: Whether the C(ipset) command is installed.
+              type: bool
+              returned: always
+            version:
+              description: Version of the C(ipset) command, null when missing.
+              type: str
+              returned: always
+              sample: "7.17"
+        iptables:
+          description: The iptables backend in use.
+          type: dict
+          returned: always
+          contains:
+            backend:
+              description: C(legacy), C(nft) or C(none) (no iptables installed).
+              type: str
+              returned: always
+              sample: nft
+            version:
+              description: iptables version.
+              type: str
+              returned: always
+              sample: 1.8.9
+            reason:
+              description: Why this backend was chosen.
+              type: str
+              returned: always
+              sample: no rules in either backend; iptables 1.8.9 defaults to nft
+            save:
+              description: Path of the matching C(iptables-save).
+              type: str
+              returned: always
+            restore:
+              description: Path of the matching C(iptables-restore).
+              type: str
+              returned: always
+            rule_counts:
+              description: Rules found in each backend (-1 when that backend's tools are missing).
+              type: dict
+              returned: always
+              sample: {legacy: 0, nft: 12}
+        ip_forward:
+          description: Whether C(net.ipv4.ip_forward) is 1 in the namespace.
+          type: bool
+          returned: always
+        netns_supported:
+          description: Whether this process can create network namespaces.
+          type: bool
+          returned: always
+"""
+
+import os
+import re
+import subprocess
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.ztmesh_backend import detect_iptables_backend, which
+from ansible.module_utils.ztmesh_common import (
+    NETNS_ARGUMENT_SPEC,
+    enter_netns_or_fail,
+    probe_in_throwaway_netns,
+)
+from ansible.module_utils.ztmesh_links import PYROUTE2_IMPORT_ERROR, probe_link_create
+
+# Throwaway test objects: real values of the ztmesh data plane, so "supported" means "ztmesh works".
+TUNNEL_PROBES = {
+    "geneve": {"geneve_id": 1000, "geneve_remote": "192.0.2.1", "geneve_port": 6081},
+    "vxlan": {"vxlan_id": 1000, "vxlan_group": "192.0.2.1", "vxlan_port": 4789},
+}
+TPROXY_RULE = ["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-j", "TPROXY", "--on-port", "15001",
+               "--on-ip", "127.0.0.1", "--tproxy-mark", "0x400/0xfff"]
+SOCKET_RULE = ["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-m", "socket", "--transparent",
+               "-j", "MARK", "--set-xmark", "0x400/0xfff"]
+COMMAND_TIMEOUT = 15
+
+
+def argument_spec() -> dict:
+    return dict(NETNS_ARGUMENT_SPEC)
+
+
+def _run_or_raise(argv: list) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        raise OSError(proc.returncode, (proc.stderr or proc.stdout).strip())
+
+
+def probe_command(argv: list) -> bool:
+    """Does ``argv`` succeed inside a throwaway namespace?"""
+    return probe_in_throwaway_netns(lambda: _run_or_raise(argv)).ok
+
+
+def tunnel_kinds() -> tuple:
+    supported, errors = {}, {}
+    for kind, attrs in TUNNEL_PROBES.items():
+        if PYROUTE2_IMPORT_ERROR is not None:
+            supported[kind], errors[kind] = False, f"pyroute2 is missing: {PYROUTE2_IMPORT_ERROR}"
+            continue
+        result = probe_link_create(kind, attrs)
+        supported[kind] = result.ok
+        if not result.ok:
+            errors[kind] = result.message
+    return supported, errors
+
+
+def ipset_facts() -> dict:
+    tool = which("ipset")
+    version = None
+    if tool:
+        proc = subprocess.run([tool, "version"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                              check=False)
+        match = re.search(r"v(\d+(?:\.\d+)*)", proc.stdout)
+        version = match.group(1) if match else None
+    kernel = bool(tool) and probe_command([tool, "create", "ztmesh-probe", "hash:ip"])
+    return {"kernel": kernel, "tool": bool(tool), "version": version}
+
+
+def ip_forward() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward", encoding="utf-8") as handle:
+            return handle.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def gather() -> dict:
+    backend = detect_iptables_backend()
+    kinds, kind_errors = tunnel_kinds()
+    iptables = backend.iptables
+    return {
+        "kernel": os.uname().release,
+        "tunnel_kinds": kinds,
+        "tunnel_kind_errors": kind_errors,
+        "tproxy": bool(iptables) and probe_command([iptables, "-w", "5", *TPROXY_RULE]),
+        "socket_match": bool(iptables) and probe_command([iptables, "-w", "5", *SOCKET_RULE]),
+        "ipset": ipset_facts(),
+        "iptables": {key: value for key, value in backend.as_dict().items()
+                     if key in ("backend", "version", "reason", "save", "restore", "rule_counts")},
+        "ip_forward": ip_forward(),
+        "netns_supported": probe_in_throwaway_netns(lambda: None).ok,
+    }
+
+
+def main() -> None:
+    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
+    enter_netns_or_fail(module)
+    module.exit_json(changed=False, ansible_facts={"ztmesh": gather()})
+
+
+if __name__ == "__main__":
+    main()

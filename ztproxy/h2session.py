@@ -1,0 +1,222 @@
+"""One HTTP/2 connection over TLS (the ``h2`` state machine driven by an asyncio protocol).
+
+The session feeds received bytes to h2, dispatches stream events to the stream's pump, and writes what
+h2 wants sent. Client and server sessions (hbone_client, hbone_server) add request handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Dict, List, Optional
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from ztproxy.pump import StreamPump
+
+log = logging.getLogger("ztproxy.h2")
+
+
+class _DrainableStateMachine(h2.connection.H2ConnectionStateMachine):
+    """h2's connection state machine, except that GOAWAY does not close the connection.
+
+    h2 moves to CLOSED on sending or receiving GOAWAY and then rejects every frame, which would cut
+    the streams in flight. RFC 9113 section 6.8 lets streams up to the GOAWAY's last stream id finish,
+    which graceful drain needs; the sessions themselves refuse new streams after a GOAWAY.
+    """
+
+    _transitions = dict(h2.connection.H2ConnectionStateMachine._transitions)
+    for _state in (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN):
+        for _input in (h2.connection.ConnectionInputs.SEND_GOAWAY, h2.connection.ConnectionInputs.RECV_GOAWAY):
+            _transitions[(_state, _input)] = (None, _state)
+    del _state, _input
+
+
+class H2Limits:
+    """The HTTP/2 sizes this side advertises (from Settings)."""
+
+    def __init__(self, max_frame_size: int, stream_window: int, connection_window: int,
+                 max_concurrent_streams: int) -> None:
+        self.max_frame_size = max_frame_size
+        self.stream_window = stream_window
+        self.connection_window = connection_window
+        self.max_concurrent_streams = max_concurrent_streams
+
+
+class H2Session(asyncio.Protocol):
+    client_side = False
+
+    def __init__(self, limits: H2Limits) -> None:
+        config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.state_machine = _DrainableStateMachine()
+        self.limits = limits
+        self.transport: Optional[asyncio.Transport] = None
+        self.pumps: Dict[int, StreamPump] = {}
+        self.write_paused = False
+        self.closed = False
+        self.goaway_received = False
+        self.goaway_sent = False
+        self._early: List[bytes] = []
+        self._started = False
+        self.close_reason: Optional[str] = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        problem = self.check_peer(transport)
+        if problem is not None:
+            log.warning("closing HBONE connection with %s: %s", transport.get_extra_info("peername"),
+                        problem)
+            self.close_reason = problem
+            transport.abort()
+            return
+        self._started = True
+        self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: self.limits.max_frame_size,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.limits.stream_window,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
+        self.conn.initiate_connection()
+        extra = self.limits.connection_window - self.conn.inbound_flow_control_window
+        if extra > 0:
+            self.conn.increment_flow_control_window(extra)
+        self.flush()
+        for data in self._early:
+            self.data_received(data)
+        self._early.clear()
+        self.session_started()
+
+    def check_peer(self, transport: asyncio.BaseTransport) -> Optional[str]:
+        """Subclasses verify the TLS peer here; a returned reason aborts the connection."""
+        return None
+
+    def session_started(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._started:
+            # start_tls can deliver application data before we take over the transport.
+            self._early.append(data)
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.warning("HTTP/2 protocol error from %s: %s", self.peername(), exc)
+            self.flush()  # h2 queued a GOAWAY
+            self.close_reason = f"HTTP/2 protocol error: {exc}"
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            self.handle_event(event)
+        self.flush()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for pump in list(self.pumps.values()):
+            pump.update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for pump in list(self.pumps.values()):
+            pump.update_reading()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        reason = self.close_reason or (f"HBONE connection lost: {exc}" if exc else "HBONE connection closed")
+        for pump in list(self.pumps.values()):
+            pump.on_session_lost(reason)
+        self.pumps.clear()
+        self.session_lost(reason)
+
+    def session_lost(self, reason: str) -> None:
+        pass
+
+    def peername(self):
+        return self.transport.get_extra_info("peername") if self.transport else None
+
+    # -- events ---------------------------------------------------------------------------------------
+
+    def handle_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            pump = self.pumps.get(event.stream_id)
+            if pump is not None:
+                pump.on_h2_data(event.data, event.flow_controlled_length)
+            else:
+                # Data for a stream we no longer track: give the connection window back.
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            pump = self.pumps.get(event.stream_id)
+            if pump is not None:
+                pump.on_h2_end()
+        elif isinstance(event, h2.events.StreamReset):
+            pump = self.pumps.get(event.stream_id)
+            self.stream_reset(event.stream_id, event.error_code)
+            if pump is not None:
+                pump.on_h2_reset(f"stream reset by peer ({event.error_code!r})")
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                for pump in list(self.pumps.values()):
+                    pump.on_window()
+            else:
+                pump = self.pumps.get(event.stream_id)
+                if pump is not None:
+                    pump.on_window()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                for pump in list(self.pumps.values()):
+                    pump.on_window()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway_received = True
+            self.on_goaway(event)
+        else:
+            self.handle_other_event(event)
+
+    def handle_other_event(self, event: h2.events.Event) -> None:
+        pass
+
+    def stream_reset(self, stream_id: int, error_code) -> None:
+        pass
+
+    def on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        pass
+
+    def stream_finished(self, stream_id: int) -> None:
+        """A pump is done with its stream (both directions ended, or reset)."""
+        self.pumps.pop(stream_id, None)
+
+    def goaway(self) -> None:
+        """Tell the peer no new streams will be accepted (graceful drain)."""
+        if self.closed or self.transport is None or not self._started:
+            return
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        try:
+            self.conn.close_connection()
+        except h2.exceptions.ProtocolError:
+            return
+        self.flush()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,328 @@
+"""The byte pumps: the only code that moves payload. Kept apart so a C fast path can replace them.
+
+``StreamPump`` joins one TCP socket to one HTTP/2 stream, ``TcpRelay`` joins two TCP sockets. Neither
+touches individual bytes: payload moves as the chunks the event loop reads (up to 256 KiB) and as
+HTTP/2 frames.
+
+Flow control never buffers without bound and never deadlocks:
+- TCP -> HTTP/2: data is read from the TCP socket only while the stream has send window and the TLS
+  connection's write buffer is not full; what does not fit waits (one read's worth at most) and reading
+  pauses until a WINDOW_UPDATE arrives.
+- HTTP/2 -> TCP: received DATA is acknowledged (the window reopened) only once the TCP socket has taken
+  it: the TCP transport's write-buffer limits are zero, so any unsent byte pauses acknowledgement until
+  the socket drains. A slow reader therefore stalls the sender through HTTP/2 flow control, and the data
+  held per stream is bounded by the stream window.
+Half-close travels both ways: TCP EOF -> END_STREAM, END_STREAM -> shutdown(SHUT_WR).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, List, Optional
+
+import h2.errors
+import h2.exceptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ztproxy.h2session import H2Session
+    from ztproxy.hooks import ConnTracker
+
+log = logging.getLogger("ztproxy.pump")
+
+
+class StreamPump(asyncio.Protocol):
+    """The asyncio protocol of a TCP socket whose bytes ride on one HTTP/2 stream."""
+
+    def __init__(self, tracker: ConnTracker, tcp_is_client: bool,
+                 on_done: Optional[callable] = None) -> None:
+        self.tracker = tracker
+        # Istio's counters: "received" = from the connection's client, "sent" = towards it.
+        self._count_tcp_in = tracker.add_received if tcp_is_client else tracker.add_sent
+        self._count_h2_in = tracker.add_sent if tcp_is_client else tracker.add_received
+        self.on_done = on_done
+        self.session: Optional[H2Session] = None
+        self.stream_id = 0
+        self.tcp: Optional[asyncio.Transport] = None
+        self._pending: Optional[memoryview] = None  # TCP bytes waiting for HTTP/2 window
+        self._early: List[bytes] = []  # HTTP/2 data that arrived before the TCP side was connected
+        self._unacked = 0
+        self._tcp_write_blocked = False
+        self._tcp_reading = True
+        self._tcp_eof = False
+        self._end_sent = False
+        self._end_received = False
+        self._early_end = False
+        self._active = False  # stream established: TCP bytes may flow onto it
+        self._finished = False
+
+    # -- wiring --------------------------------------------------------------------------------------
+
+    def bind_stream(self, session: H2Session, stream_id: int) -> None:
+        """Receive the stream's events (data may be buffered until the TCP side is attached)."""
+        self.session = session
+        self.stream_id = stream_id
+        session.pumps[stream_id] = self
+
+    def attach_tcp(self, transport: asyncio.Transport) -> None:
+        """Use ``transport`` (whose protocol is this pump) as the TCP side; reading stays paused."""
+        self.tcp = transport
+        # Zero limits: pause_writing() fires as soon as anything is buffered, resume_writing() when the
+        # socket took everything; acknowledgements follow that (see module docstring).
+        transport.set_write_buffer_limits(high=0, low=0)
+        if self._tcp_reading:
+            transport.pause_reading()
+            self._tcp_reading = False
+        for chunk in self._early:
+            transport.write(chunk)
+        self._early.clear()
+        if self._early_end:
+            self._write_eof()
+        self._ack()
+
+    def start(self) -> None:
+        """The stream is established: let bytes flow both ways."""
+        self._active = True
+        self._update_reading()
+        self._send_pending()
+
+    # -- TCP side (asyncio.Protocol) ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # nothing flows until the stream is established
+        self._tcp_reading = False
+
+    def data_received(self, data: bytes) -> None:
+        self._count_tcp_in(len(data))
+        if self._pending:
+            self._pending = memoryview(bytes(self._pending) + data)
+        else:
+            self._pending = memoryview(data)
+        self._send_pending()
+
+    def eof_received(self) -> bool:
+        self._tcp_eof = True
+        self._send_pending()
+        return True  # keep our write side open: the other direction may still be flowing
+
+    def pause_writing(self) -> None:
+        self._tcp_write_blocked = True
+
+    def resume_writing(self) -> None:
+        self._tcp_write_blocked = False
+        self._ack()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._finished:
+            return
+        if self._end_sent and self._end_received:
+            self._finish(None)
+            return
+        # The TCP peer went away (RST or our abort) before both directions ended: reset the stream.
+        self._reset_stream(h2.errors.ErrorCodes.CONNECT_ERROR)
+        self._finish(f"tcp connection lost: {exc}" if exc else "tcp connection closed early")
+
+    # -- HTTP/2 side (called by the session) ----------------------------------------------------------
+
+    def on_h2_data(self, data: bytes, flow_controlled_length: int) -> None:
+        self._count_h2_in(len(data))
+        self._unacked += flow_controlled_length
+        if self.tcp is None:
+            self._early.append(data)
+            return
+        if self.tcp.is_closing():
+            self._ack(force=True)
+            return
+        self.tcp.write(data)
+        self._ack()
+
+    def on_h2_end(self) -> None:
+        self._end_received = True
+        if self.tcp is None:
+            self._early_end = True
+            return
+        self._write_eof()
+        self._maybe_close()
+
+    def on_h2_reset(self, error: str) -> None:
+        self._end_received = self._end_sent = True
+        if self.tcp is not None:
+            self.tcp.abort()
+        self._finish(error)
+
+    def on_window(self) -> None:
+        self._send_pending()
+
+    def on_session_lost(self, error: str) -> None:
+        """The HTTP/2 connection is gone: abort the TCP side (RST), so the client sees an error."""
+        if self._finished:
+            return
+        if self.tcp is not None:
+            self.tcp.abort()
+        self._finish(error)
+
+    def update_reading(self) -> None:
+        self._update_reading()
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _ack(self, force: bool = False) -> None:
+        if not self._unacked or (self._tcp_write_blocked and not force) or self.session is None:
+            return
+        n, self._unacked = self._unacked, 0
+        try:
+            self.session.conn.acknowledge_received_data(n, self.stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            return
+        self.session.flush()
+
+    def _send_pending(self) -> None:
+        session = self.session
+        if session is None or not self._active or self._end_sent:
+            return
+        conn = session.conn
+        pending = self._pending
+        try:
+            while pending:
+                window = conn.local_flow_control_window(self.stream_id)
+                if window <= 0:
+                    break
+                n = min(window, conn.max_outbound_frame_size, len(pending))
+                conn.send_data(self.stream_id, pending[:n].tobytes())
+                pending = pending[n:]
+            self._pending = pending if pending else None
+            if self._pending is None and self._tcp_eof:
+                conn.end_stream(self.stream_id)
+                self._end_sent = True
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            log.debug("stream %d: send failed: %s", self.stream_id, exc)
+            self._pending = None
+        session.flush()
+        self._update_reading()
+        self._maybe_close()
+
+    def _update_reading(self) -> None:
+        tcp = self.tcp
+        if tcp is None or tcp.is_closing():
+            return
+        want = (self._active and not self._pending and not self._tcp_eof
+                and self.session is not None and not self.session.write_paused)
+        if want and not self._tcp_reading:
+            tcp.resume_reading()
+            self._tcp_reading = True
+        elif not want and self._tcp_reading:
+            tcp.pause_reading()
+            self._tcp_reading = False
+
+    def _write_eof(self) -> None:
+        tcp = self.tcp
+        if tcp is not None and not tcp.is_closing() and tcp.can_write_eof():
+            try:
+                tcp.write_eof()
+            except (OSError, RuntimeError):
+                pass
+
+    def _maybe_close(self) -> None:
+        if self._end_sent and self._end_received and self.tcp is not None and not self._finished:
+            self.tcp.close()  # flushes what is buffered, then closes
+            self._finish(None)
+
+    def _reset_stream(self, code: h2.errors.ErrorCodes) -> None:
+        session = self.session
+        if session is None:
+            return
+        try:
+            session.conn.reset_stream(self.stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            pass
+        session.flush()
+
+    def _finish(self, error: Optional[str]) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._pending = None
+        if self.session is not None:
+            self.session.stream_finished(self.stream_id)
+        self.tracker.closed(error)
+        if self.on_done is not None:
+            self.on_done(error)
+
+
+class _RelaySide(asyncio.Protocol):
+    def __init__(self, relay: TcpRelay, is_client: bool) -> None:
+        self.relay = relay
+        self.is_client = is_client
+        self.transport: Optional[asyncio.Transport] = None
+        self.peer: Optional[_RelaySide] = None
+        self.eof = False
+        self.write_blocked = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+
+    def data_received(self, data: bytes) -> None:
+        if self.is_client:
+            self.relay.tracker.add_received(len(data))
+        else:
+            self.relay.tracker.add_sent(len(data))
+        peer = self.peer.transport
+        peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer.transport
+        if peer.can_write_eof() and not peer.is_closing():
+            peer.write_eof()
+        if self.peer.eof:
+            self.relay.close(None)
+        return True
+
+    def pause_writing(self) -> None:
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.peer.eof and not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.eof and self.peer.eof:
+            self.relay.close(None)
+        else:
+            self.relay.close(f"connection lost: {exc}" if exc else "connection closed early", abort=True)
+
+
+class TcpRelay:
+    """Plain TCP to plain TCP (passthrough and inbound plaintext), with back-pressure both ways."""
+
+    def __init__(self, tracker: ConnTracker, on_done: Optional[callable] = None) -> None:
+        self.tracker = tracker
+        self.on_done = on_done
+        self.client = _RelaySide(self, True)
+        self.server = _RelaySide(self, False)
+        self.client.peer, self.server.peer = self.server, self.client
+        self._closed = False
+
+    def start(self, client: asyncio.Transport, server: asyncio.Transport) -> None:
+        self.client.attach(client)
+        self.server.attach(server)
+        client.resume_reading()
+        server.resume_reading()
+
+    def close(self, error: Optional[str], abort: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for side in (self.client, self.server):
+            if side.transport is not None:
+                if abort:
+                    side.transport.abort()
+                else:
+                    side.transport.close()
+        self.tracker.closed(error)
+        if self.on_done is not None:
+            self.on_done(error)
