@@ -128,8 +128,18 @@ def jump_comment(tag: str, chain: str) -> str:
     return f"{tag}: jump to {chain}"
 
 
+def restore_quote(word: str) -> str:
+    """Quote one word for iptables-restore, which knows double quotes (with backslash escapes) only."""
+    if word and not any(c.isspace() or c in "\"'\\" for c in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def render_rule(chain: str, rule: str, tag: str) -> str:
-    return f'-A {chain} -m comment --comment "{tag}" {rule}'
+    # Operators write rules shell-style (single or double quotes); re-quote every word the way
+    # iptables-restore parses it, so both forms load the same rule.
+    words = " ".join(restore_quote(w) for w in shlex.split(rule))
+    return f'-A {chain} -m comment --comment "{tag}" {words}'
 
 
 def render_jump(builtin: str, chain: str, tag: str, insert: bool) -> str:
@@ -262,7 +272,7 @@ def plan_present(table: str, specs: Sequence[ChainSpec], tag: str, live: TableDu
         inserts.extend("-I " + line[3:].replace(f"{builtin} ", f"{builtin} 1 ", 1) for line in reversed(want))
     lines = declare + fill + deletes + inserts
     before = owned_view(live, table, names, tag)
-    after = {k: v for k, v in desired.chains.items() if v or k in names}
+    after = owned_view(desired, table, names, tag)
     return IptablesPlan(lines=lines, before=before, after=after)
 
 

@@ -16,7 +16,7 @@ description:
     facts never changes the host; the kernel may load a module on demand, as it would for the real thing.
 version_added: "0.1.0"
 author:
-  - ztmesh contributors
+  - ztmesh contributors (@ztmesh)
 requirements:
   - root (the probes create network namespaces)
   - pyroute2 on the managed node (for the tunnel probes; without it they report false)

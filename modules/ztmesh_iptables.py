@@ -10,7 +10,8 @@ short_description: Manage owned iptables chains, their rules and the jumps to th
 description:
   - Writes the complete rule list of each listed (owned) user chain of one table, and a jump to it at
     the top of a built-in chain, in one C(iptables-restore --noflush) transaction.
-  - Every rule written carries a C(-m comment --comment "<comment_tag>...") match; jumps carry
+  - >-
+    Every rule written carries a C(-m comment --comment "<comment_tag>") match; jumps carry
     C("<comment_tag>: jump to <chain>"), which is how the module recognises its own rules in built-in
     chains. Other chains and other rules of built-in chains are never touched.
   - Desired rules are first loaded into a throwaway network namespace with the same iptables binary and
@@ -44,7 +45,7 @@ options:
         description: Built-in chain of the table that jumps to this chain from its top; none when omitted.
         type: str
   comment_tag:
-    description: Comment put on every rule written (jumps get C("<tag>: jump to <chain>")).
+    description: 'Comment put on every rule written (jumps get C("<tag>: jump to <chain>")).'
     type: str
     default: ztmesh
   backend:
@@ -128,6 +129,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.ztmesh_backend import BACKENDS, backend_commands, detect_iptables_backend, which
 from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail
 from ansible.module_utils.ztmesh_iptables import (
+    BUILTIN_CHAINS,
     IptablesError,
     apply_live,
     canonical_dump,
@@ -237,7 +239,7 @@ def run(params: dict, check_mode: bool) -> dict:
         plan = plan_absent(table, names, tag, live)
     else:
         refuse_mixing(chosen, table, names)
-        foreign = [c for c in live.chains if c not in names and c not in plan_builtins(table)]
+        foreign = [c for c in live.chains if c not in names and c not in BUILTIN_CHAINS[table]]
         sets = referenced_sets(specs)
         desired = canonical_dump(table, specs, tag, foreign, chosen.restore, chosen.save,
                                  which("ipset"), set_create_lines(sets))
@@ -262,12 +264,6 @@ def run(params: dict, check_mode: bool) -> dict:
         "chains": chains_result(specs, plan.after) if params["state"] == "present" else [],
         "diff": {"before": render_view(plan.before), "after": render_view(plan.after)},
     }
-
-
-def plan_builtins(table: str):
-    from ansible.module_utils.ztmesh_iptables import BUILTIN_CHAINS
-
-    return BUILTIN_CHAINS[table]
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ module: ztmesh_netns
 short_description: Manage a named network namespace and its veth link for the ztmesh proxy
 description:
   - Creates a named network namespace (a bind mount at C(/run/netns/<name>), usable with
-    C(ip netns exec)), brings its loopback up, and connects it with a veth pair: the host end lives in
+    C(ip netns exec)), brings its loopback up, and connects it with a veth pair. The host end lives in
     O(netns) (the task's namespace by default), the peer end inside the namespace O(name).
   - Addresses given for the veth ends are exact (other IPv4 addresses on those ends are removed), both
     ends are kept up, and drift (a deleted link or address, a link set down) is repaired.
@@ -17,7 +17,7 @@ description:
   - O(state=absent) deletes the host end of the veth (which deletes its peer) and the namespace.
 version_added: "0.1.0"
 author:
-  - ztmesh contributors
+  - ztmesh contributors (@ztmesh)
 requirements:
   - pyroute2 on the managed node
   - root (CAP_SYS_ADMIN to create and enter namespaces, CAP_NET_ADMIN for links)

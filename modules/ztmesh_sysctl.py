@@ -16,10 +16,11 @@ description:
   - Values are compared after normalising whitespace (C(/proc/sys) separates multi-value entries with
     tabs), and read back after writing. If the kernel refuses one value, those already written are
     restored and the task fails.
-  - With O(netns), C(/proc/sys/net) is the namespace's own; keys outside C(net.) are global to the host.
+  - With O(netns), C(/proc/sys/net) is the namespace's own. Keys outside C(net.) are global to the
+    host, so they are refused together with O(netns).
 version_added: "0.1.0"
 author:
-  - ztmesh contributors
+  - ztmesh contributors (@ztmesh)
 requirements:
   - root
 options:
@@ -68,7 +69,7 @@ EXAMPLES = r"""
     persist: /etc/sysctl.d/90-ztmesh.conf
   register: ztmesh_sysctl_result
 
-- name: Uninstall: restore what was there before
+- name: Uninstall, restore what was there before
   ztmesh_sysctl:
     sysctls: "{{ ztmesh_sysctl_result.previous }}"
     persist: /etc/sysctl.d/90-ztmesh.conf
@@ -148,6 +149,11 @@ def validate(params: dict) -> dict:
     if not sysctls:
         raise SysctlError("sysctls is empty: give at least one key")
     errors = [e for e in (key_error(k) or value_error(k, v) for k, v in sysctls.items()) if e]
+    if params["netns"]:
+        global_keys = [key for key in sysctls if not key.startswith("net.")]
+        if global_keys:
+            errors.append(f"{', '.join(global_keys)} are not per-namespace (only net.* keys are); with netns "
+                          f"they would change the whole host. Set them in a task without netns")
     if params["persist"] is not None:
         errors.append(persist_path_error(params["persist"]))
         if params["netns"]:
@@ -192,9 +198,8 @@ def run(module) -> dict:
     read_only = [key for key, _ in changes if not writable(key)]
     if read_only:
         module.fail_json(
-            msg=f"sysctl keys are read-only here: {', '.join(read_only)} (a key outside net.* cannot be "
-                f"written from a network namespace other than the host's, and modules need root). "
-                f"Nothing was changed"
+            msg=f"sysctl keys are read-only here: {', '.join(read_only)} (some net.* keys are writable "
+                f"only in the host's namespace, and modules need root). Nothing was changed"
         )
 
     persist = params["persist"]

@@ -20,7 +20,7 @@ description:
     NIC, a bridge) makes the task fail instead.
 version_added: "0.1.0"
 author:
-  - ztmesh contributors
+  - ztmesh contributors (@ztmesh)
 requirements:
   - pyroute2 on the managed node
   - root (CAP_NET_ADMIN, and CAP_SYS_ADMIN to enter O(netns))
@@ -114,20 +114,61 @@ link:
   returned: always
   type: dict
   contains:
-    name: {description: Link name., type: str, returned: when present, sample: istioin}
-    kind: {description: geneve or vxlan., type: str, returned: when present, sample: geneve}
-    vni: {description: Virtual network identifier., type: int, returned: when present, sample: 1000}
-    remote: {description: Far end address., type: str, returned: when present, sample: 192.168.125.2}
-    local: {description: VXLAN local address, null when unset., type: str, returned: when present}
-    port: {description: UDP destination port., type: int, returned: when present, sample: 6081}
-    address: {description: IPv4 address with prefix, null when none., type: str, returned: when present,
-              sample: 192.168.126.1/30}
-    addresses: {description: All IPv4 addresses of the link., type: list, elements: str,
-                returned: when present}
-    mtu: {description: MTU (null in check mode before creation)., type: int, returned: when present}
-    link_state: {description: up or down., type: str, returned: when present, sample: up}
-    ifindex: {description: Interface index (null in check mode before creation)., type: int,
-              returned: when present, sample: 7}
+    name:
+      description: Link name.
+      type: str
+      returned: when present
+      sample: istioin
+    kind:
+      description: C(geneve) or C(vxlan).
+      type: str
+      returned: when present
+      sample: geneve
+    vni:
+      description: Virtual network identifier.
+      type: int
+      returned: when present
+      sample: 1000
+    remote:
+      description: Address of the far end.
+      type: str
+      returned: when present
+      sample: 192.168.125.2
+    local:
+      description: VXLAN local address; null when unset.
+      type: str
+      returned: when present
+    port:
+      description: UDP destination port.
+      type: int
+      returned: when present
+      sample: 6081
+    address:
+      description: The IPv4 address with prefix length; null when the link has none or several.
+      type: str
+      returned: when present
+      sample: 192.168.126.1/30
+    addresses:
+      description: All IPv4 addresses of the link.
+      type: list
+      elements: str
+      returned: when present
+      sample: [192.168.126.1/30]
+    mtu:
+      description: MTU; null in check mode before the link exists.
+      type: int
+      returned: when present
+      sample: 1500
+    link_state:
+      description: C(up) or C(down).
+      type: str
+      returned: when present
+      sample: up
+    ifindex:
+      description: Interface index; null in check mode before the link exists.
+      type: int
+      returned: when present
+      sample: 7
 recreated:
   description: Whether an existing link with different identity settings was (or would be) deleted and
     created again.

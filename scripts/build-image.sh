@@ -27,29 +27,26 @@ SUITE="bookworm"
 WORK_DIR="$REPO/.cache/image-build"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$REPO/podman/containers.conf}"
 
-# Units that cannot work in a container that shares the host kernel, or that have no job there.
-# Masked so that the node boots to "running" rather than "degraded", which keeps a failed unit of
-# ztmesh's own visible in `systemctl is-system-running`.
+# Units masked in the image. Without them the node already boots to "running"; they are masked
+# because a privileged container shares the host kernel, and these would act on the HOST:
 MASKED_UNITS=(
-    # No kernel modules, no udev, no swap or real consoles inside a container.
+    # Registers /usr/lib/binfmt.d/python3.11.conf in the host kernel's binfmt_misc, and its
+    # ExecStop (`systemd-binfmt --unregister`) removes every handler the host has registered.
+    systemd-binfmt.service
+    proc-sys-fs-binfmt_misc.automount
+    proc-sys-fs-binfmt_misc.mount
+    # Would load kernel modules into the host kernel.
     systemd-modules-load.service
-    systemd-udevd.service
-    systemd-udev-trigger.service
-    systemd-udev-settle.service
-    systemd-remount-fs.service
-    sys-kernel-config.mount
-    sys-kernel-debug.mount
-    sys-kernel-tracing.mount
-    sys-fs-fuse-connections.mount
-    dev-hugepages.mount
-    getty.target
-    console-getty.service
-    # Periodic housekeeping that only costs CPU in a short-lived test node.
+    # Would set the host's clock (not installed today; masked in case a package pulls it in).
+    systemd-timesyncd.service
+    # Would scrub or trim the host's block devices and file systems (visible when privileged).
+    e2scrub_all.timer
+    e2scrub_reap.service
+    fstrim.timer
+    # Background apt runs: network traffic from test nodes and a held dpkg lock that would make a
+    # role's package task fail at random.
     apt-daily.timer
     apt-daily-upgrade.timer
-    e2scrub_all.timer
-    fstrim.timer
-    systemd-tmpfiles-clean.timer
 )
 
 log() { printf 'build-image: %s\n' "$*" >&2; }
@@ -140,6 +137,8 @@ use_apt_proxy() {
 ROOTFS=""
 CHECK_CONTAINER=""
 cleanup() {
+    # Runs on every exit, also after an error: must not stop half-way.
+    set +e
     if [[ -n "$CHECK_CONTAINER" ]]; then
         podman rm --force --time 0 "$CHECK_CONTAINER" >/dev/null 2>&1 || true
     fi
@@ -147,7 +146,7 @@ cleanup() {
         # debootstrap mounts /proc and /sys inside the target; a failed run can leave them mounted,
         # and rm must never descend into them.
         findmnt --list --noheadings --output TARGET | grep -F "$ROOTFS/" | sort -r \
-            | while read -r mountpoint; do umount --lazy "$mountpoint" || true; done
+            | while read -r mountpoint; do umount --lazy "$mountpoint"; done
         rm -rf --one-file-system "$ROOTFS"
     fi
 }
@@ -168,6 +167,17 @@ customize_rootfs() {
     for unit in "${MASKED_UNITS[@]}"; do
         ln -sf /dev/null "$root/etc/systemd/system/$unit"
     done
+    # systemd-sysctl stays: it re-applies the net.* keys ztmesh persists in /etc/sysctl.d when a node
+    # restarts (those are per network namespace). The distribution's defaults are disabled (a link to
+    # /dev/null in /etc/sysctl.d overrides the file of the same name): they set keys such as
+    # fs.protected_regular that are not namespaced, so a privileged container would write them to the
+    # host kernel.
+    local conf
+    for conf in "$root"/usr/lib/sysctl.d/*.conf; do
+        if [[ -e "$conf" ]]; then
+            ln -sf /dev/null "$root/etc/sysctl.d/$(basename "$conf")"
+        fi
+    done
 
     # No SSH host keys in the image (every node would share them): made at the first start of ssh.
     rm -f "$root"/etc/ssh/ssh_host_*
@@ -186,13 +196,32 @@ UNIT
         "$root"/usr/share/info/* "$root"/var/log/*.log "$root"/var/log/apt/*
 }
 
+SYSTEMD_STATE=""
+wait_for_systemd() {
+    # Sets SYSTEMD_STATE to the container's `systemctl is-system-running` once boot has finished
+    # (running, degraded, ...), or to "" after the timeout. Until PID 1 has its bus socket up,
+    # systemctl cannot even connect, so it is retried.
+    local container="$1" deadline=$((SECONDS + $2))
+    SYSTEMD_STATE=""
+    while ((SECONDS < deadline)); do
+        SYSTEMD_STATE="$(podman exec "$container" timeout $((deadline - SECONDS + 1)) \
+            systemctl is-system-running --wait 2>/dev/null || true)"
+        case "$SYSTEMD_STATE" in
+            "" | offline | initializing | starting) sleep 1 ;;
+            *) return 0 ;;
+        esac
+    done
+    SYSTEMD_STATE=""
+}
+
 boot_check() {
     # Boot the new image the way molecule and scripts/fleet.sh do and require a clean systemd.
     local image="$1" state
     CHECK_CONTAINER="ztmesh-image-check-$$"
     podman run --detach --name "$CHECK_CONTAINER" --privileged --systemd=always --network none \
         "$image" >/dev/null
-    state="$(podman exec "$CHECK_CONTAINER" timeout 90 systemctl is-system-running --wait || true)"
+    wait_for_systemd "$CHECK_CONTAINER" 90
+    state="$SYSTEMD_STATE"
     if [[ "$state" != running ]]; then
         log "systemd in the new image is '${state:-unreachable}', not 'running'; failed units:"
         podman exec "$CHECK_CONTAINER" systemctl --failed --no-legend >&2 || true
@@ -248,6 +277,7 @@ main() {
     started=$SECONDS
 
     trap cleanup EXIT
+    rm -f "$WORK_DIR"/debootstrap*.log
     ROOTFS="$(mktemp -d "$WORK_DIR/rootfs.XXXXXX")"
     log "building $image: debootstrap --variant=minbase $SUITE from $mirror"
     log "packages: $packages"
@@ -265,7 +295,7 @@ main() {
         --change 'CMD ["/sbin/init"]' \
         --change 'STOPSIGNAL=SIGRTMIN+3' \
         --change "LABEL=org.ztmesh.recipe=$tag" \
-        --message "ztmesh node image, recipe $tag" \
+        --message "ztmesh node image, recipe $tag" --quiet \
         - "$image" >/dev/null
     if ! boot_check "$image"; then
         podman rmi --force "$image" >/dev/null 2>&1 || true

@@ -568,12 +568,39 @@ class MeshAuthorizer:
     ``update(raw_policies)`` builds a new index and swaps it in only when every policy is valid: a
     malformed reload raises PolicyError and leaves the previous policies in force. As ztunnel, a
     connection whose destination is not a workload of the mesh state is denied.
+
+    With ``state_provider`` (returning the current ztproxy.state.MeshState), the authorizer follows the
+    mesh state by itself: before each decision it checks whether the state object changed and, if so,
+    indexes its ``policies``. The check is an identity comparison, so it is free when nothing changed,
+    and no connection is ever decided against policies older than the state that routed it. When the
+    very first policies are malformed, nothing is known to be safe, and every connection is denied
+    (fail closed) until a valid state arrives.
     """
 
-    def __init__(self, raw_policies: Any = None) -> None:
+    def __init__(self, raw_policies: Any = None, state_provider: Optional[Callable[[], Any]] = None) -> None:
         self._parsed: Dict[str, Authorization] = {}
         self._index = PolicyIndex.build(())
-        self.update(raw_policies)
+        self._state_provider = state_provider
+        self._state: Any = None
+        self._invalid: Optional[str] = None  # why no valid policy set was ever loaded
+        if state_provider is None:
+            self.update(raw_policies)
+
+    def _follow_state(self) -> None:
+        state = self._state_provider() if self._state_provider is not None else None
+        if state is None or state is self._state:
+            return
+        first = self._state is None
+        self._state = state
+        try:
+            self.update(getattr(state, "policies", None))
+            self._invalid = None
+        except PolicyError as exc:
+            if first:
+                self._invalid = str(exc)
+                log.error("authorization policies are invalid, denying every connection until fixed: %s", exc)
+            else:
+                log.error("new authorization policies rejected, keeping the previous ones: %s", exc)
 
     @property
     def index(self) -> PolicyIndex:
@@ -606,6 +633,9 @@ class MeshAuthorizer:
         return index
 
     def verdict(self, conn: ConnContext) -> Verdict:
+        self._follow_state()
+        if self._invalid is not None:
+            return Verdict(False, f"denied: authorization policies are invalid ({self._invalid})")
         # Only a peer certificate proves an identity: on a plaintext connection any identity the context
         # carries was inferred from the source address, and policies must not trust it (ztunnel: None).
         identity = conn.src_identity if conn.security_policy == "mutual_tls" else None

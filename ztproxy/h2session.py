@@ -30,10 +30,12 @@ class _DrainableStateMachine(h2.connection.H2ConnectionStateMachine):
     """
 
     _transitions = dict(h2.connection.H2ConnectionStateMachine._transitions)
-    for _state in (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN):
-        for _input in (h2.connection.ConnectionInputs.SEND_GOAWAY, h2.connection.ConnectionInputs.RECV_GOAWAY):
+    _open_states = (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN)
+    _goaway = (h2.connection.ConnectionInputs.SEND_GOAWAY, h2.connection.ConnectionInputs.RECV_GOAWAY)
+    for _state in _open_states:
+        for _input in _goaway:
             _transitions[(_state, _input)] = (None, _state)
-    del _state, _input
+    del _state, _input, _open_states, _goaway
 
 
 class H2Limits:

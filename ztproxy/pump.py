@@ -18,6 +18,7 @@ Half-close travels both ways: TCP EOF -> END_STREAM, END_STREAM -> shutdown(SHUT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, List, Optional
 
@@ -44,6 +45,7 @@ class StreamPump(asyncio.Protocol):
         self.session: Optional[H2Session] = None
         self.stream_id = 0
         self.tcp: Optional[asyncio.Transport] = None
+        self._transport: Optional[asyncio.BaseTransport] = None
         self._pending: Optional[memoryview] = None  # TCP bytes waiting for HTTP/2 window
         self._early: List[bytes] = []  # HTTP/2 data that arrived before the TCP side was connected
         self._unacked = 0
@@ -89,7 +91,8 @@ class StreamPump(asyncio.Protocol):
     # -- TCP side (asyncio.Protocol) ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # nothing flows until the stream is established
+        self._transport = transport
+        transport.pause_reading()  # type: ignore[attr-defined]  # nothing flows before the stream is up
         self._tcp_reading = False
 
     def data_received(self, data: bytes) -> None:
@@ -98,6 +101,11 @@ class StreamPump(asyncio.Protocol):
             self._pending = memoryview(bytes(self._pending) + data)
         else:
             self._pending = memoryview(data)
+        if not self._active:
+            # Python < 3.12 may read before the stream is up despite the pause in connection_made.
+            self._transport.pause_reading()  # type: ignore[union-attr]
+            self._tcp_reading = False
+            return
         self._send_pending()
 
     def eof_received(self) -> bool:
@@ -164,6 +172,10 @@ class StreamPump(asyncio.Protocol):
     def update_reading(self) -> None:
         self._update_reading()
 
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
     # -- internals ------------------------------------------------------------------------------------
 
     def _ack(self, force: bool = False) -> None:
@@ -217,10 +229,8 @@ class StreamPump(asyncio.Protocol):
     def _write_eof(self) -> None:
         tcp = self.tcp
         if tcp is not None and not tcp.is_closing() and tcp.can_write_eof():
-            try:
+            with contextlib.suppress(OSError, RuntimeError):
                 tcp.write_eof()
-            except (OSError, RuntimeError):
-                pass
 
     def _maybe_close(self) -> None:
         if self._end_sent and self._end_received and self.tcp is not None and not self._finished:
@@ -231,10 +241,8 @@ class StreamPump(asyncio.Protocol):
         session = self.session
         if session is None:
             return
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             session.conn.reset_stream(self.stream_id, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            pass
         session.flush()
 
     def _finish(self, error: Optional[str]) -> None:
@@ -250,46 +258,66 @@ class StreamPump(asyncio.Protocol):
 
 
 class _RelaySide(asyncio.Protocol):
+    """One socket of a TcpRelay; holds what it reads until the relay starts (see connection_made)."""
+
     def __init__(self, relay: TcpRelay, is_client: bool) -> None:
         self.relay = relay
         self.is_client = is_client
         self.transport: Optional[asyncio.Transport] = None
         self.peer: Optional[_RelaySide] = None
+        self.held: List[bytes] = []
         self.eof = False
-        self.write_blocked = False
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()
-
-    def attach(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)  # type: ignore[attr-defined]
+        # Python < 3.12 starts reading right after connection_made even when paused here, so
+        # data_received also holds and pauses until the relay starts.
+        transport.pause_reading()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.is_client:
             self.relay.tracker.add_received(len(data))
         else:
             self.relay.tracker.add_sent(len(data))
-        peer = self.peer.transport
-        peer.write(data)
+        if not self.relay.started:
+            self.held.append(data)
+            self.transport.pause_reading()
+            return
+        self.peer.transport.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.relay.started:
+            self._forward_eof()
+        return True
+
+    def _forward_eof(self) -> None:
         peer = self.peer.transport
         if peer.can_write_eof() and not peer.is_closing():
             peer.write_eof()
         if self.peer.eof:
             self.relay.close(None)
-        return True
+
+    def flush_held(self) -> None:
+        for chunk in self.held:
+            self.peer.transport.write(chunk)
+        self.held.clear()
+        if self.eof:
+            self._forward_eof()
+        elif not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if not self.peer.eof and not self.peer.transport.is_closing():
+        if self.relay.started and not self.peer.eof and not self.peer.transport.is_closing():
             self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.lost = True
         if self.eof and self.peer.eof:
             self.relay.close(None)
         else:
@@ -297,7 +325,9 @@ class _RelaySide(asyncio.Protocol):
 
 
 class TcpRelay:
-    """Plain TCP to plain TCP (passthrough and inbound plaintext), with back-pressure both ways."""
+    """Plain TCP to plain TCP (passthrough and inbound plaintext), with back-pressure both ways.
+
+    Build both transports with ``client`` and ``server`` as their protocols, then call ``start``."""
 
     def __init__(self, tracker: ConnTracker, on_done: Optional[callable] = None) -> None:
         self.tracker = tracker
@@ -305,13 +335,15 @@ class TcpRelay:
         self.client = _RelaySide(self, True)
         self.server = _RelaySide(self, False)
         self.client.peer, self.server.peer = self.server, self.client
+        self.started = False
         self._closed = False
 
-    def start(self, client: asyncio.Transport, server: asyncio.Transport) -> None:
-        self.client.attach(client)
-        self.server.attach(server)
-        client.resume_reading()
-        server.resume_reading()
+    def start(self) -> None:
+        if self._closed:
+            return
+        self.started = True
+        self.client.flush_held()
+        self.server.flush_held()
 
     def close(self, error: Optional[str], abort: bool = False) -> None:
         if self._closed:

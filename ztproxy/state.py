@@ -207,7 +207,8 @@ def _ip(ctx: _Ctx, key: str, value: Any) -> str:
 def _port(ctx: _Ctx, key: str, value: Any, allow_zero: bool = False) -> int:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not (0 if allow_zero else 1) <= value <= 65535:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
         raise ctx.fail(key, value, "a port number 1-65535" + (" (or 0)" if allow_zero else ""))
     return value
 
@@ -243,7 +244,8 @@ def _parse_workload(index: int, data: Any, default_trust_domain: str, warnings: 
             warnings.append(f"{ctx.where}: '{key}' is not supported by ztproxy and is ignored")
     services_raw = data.get("services") or {}
     if not isinstance(services_raw, dict):
-        raise ctx.fail("services", services_raw, "a mapping of 'namespace/hostname' to {servicePort: targetPort}")
+        raise ctx.fail("services", services_raw,
+                       "a mapping of 'namespace/hostname' to {servicePort: targetPort}")
     services = {}
     for host, ports in services_raw.items():
         if not isinstance(host, str) or "/" not in host:

@@ -603,6 +603,29 @@ def node_identities(fleet: Mapping[str, Any], host: str) -> List[dict]:
              "spiffe_id": f"spiffe://{fleet['trust_domain']}/ns/{ns}/sa/{sa}"} for ns, sa in pairs]
 
 
+def node_enrollments(fleet: Mapping[str, Any], host: str, node_identity: bool = True) -> List[dict]:
+    """What roles/ztmesh_workloads enrolls on one node: its workload identities, then its node identity."""
+    items: List[dict] = [{"namespace": i["namespace"], "service_account": i["service_account"],
+                          "label": i["spiffe_id"]} for i in node_identities(fleet, host)]
+    if node_identity:
+        name = fleet["nodes"][host]["name"]
+        items.append({"node_name": name, "label": f"node identity of {name}"})
+    return items
+
+
+def sign_requests(csr_results: Sequence[Mapping[str, Any]]) -> List[dict]:
+    """The registered results of ztmesh_cert state=csr -> ztmesh_ca's sign list (only real CSRs)."""
+    return [{"identity": r["identity"], "csr": r["csr"]} for r in csr_results if r.get("csr")]
+
+
+def signed_chain(signed: Mapping[str, Any], identity: str) -> Optional[str]:
+    """The certificate chain ztmesh_ca signed for ``identity`` in this run, or None."""
+    for cert in (signed or {}).get("certificates", []):
+        if cert.get("identity") == identity:
+            return cert.get("cert_chain")
+    return None
+
+
 def _hostvars_view(hostvars: Any, hosts: Sequence[str]) -> Dict[str, Mapping[str, Any]]:
     """Only the variables this model reads, so Ansible templates nothing else."""
     names = set(INVENTORY_DEFAULTS) | {"ztmesh_node_name"}
@@ -623,4 +646,7 @@ class FilterModule:
             "ztmesh_node_contained_ips": node_contained_ips,
             "ztmesh_node_host_ips": node_host_ips,
             "ztmesh_node_identities": node_identities,
+            "ztmesh_node_enrollments": node_enrollments,
+            "ztmesh_sign_requests": sign_requests,
+            "ztmesh_signed_chain": signed_chain,
         }

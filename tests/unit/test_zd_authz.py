@@ -222,8 +222,8 @@ def test_scopes_select_policies_by_destination():
     deny_all = [[[{"destinationPorts": [8080]}]]]
     authz, state = authorizer_for([
         policy(rules=deny_all, action="Deny", scope="Namespace", namespace="shop", name="ns-deny"),
-        policy(rules=[[[{"destinationPorts": [9000]}]]], action="Deny", scope="Global", namespace="istio-system",
-               name="global-deny"),
+        policy(rules=[[[{"destinationPorts": [9000]}]]], action="Deny", scope="Global",
+               namespace="istio-system", name="global-deny"),
         policy(rules=[[[{"destinationPorts": [7000]}]]], action="Deny", scope="WorkloadSelector",
                namespace="shop", name="only-web-port"),
     ])
@@ -281,7 +281,8 @@ def test_dry_run_is_evaluated_and_logged_but_never_enforced(caplog):
                name="dry-deny", dry_run=True),
     ])
     verdict = authz.verdict(ctx(state, "10.0.0.11"))
-    assert verdict.allowed and verdict.dry_run_would_deny and verdict.dry_run_matches == ("shop/dry-deny (Deny)",)
+    assert verdict.allowed and verdict.dry_run_would_deny
+    assert verdict.dry_run_matches == ("shop/dry-deny (Deny)",)
     assert "dry-run: DENY policy shop/dry-deny matches" in caplog.text
 
     caplog.clear()
@@ -295,7 +296,8 @@ def test_dry_run_is_evaluated_and_logged_but_never_enforced(caplog):
     assert stranger.allowed and stranger.dry_run_would_deny
     assert "enforcing them would deny" in caplog.text
     friend = authz.verdict(ctx(state, "10.0.0.11"))
-    assert friend.allowed and not friend.dry_run_would_deny and friend.dry_run_matches == ("shop/dry-allow (Allow)",)
+    assert friend.allowed and not friend.dry_run_would_deny
+    assert friend.dry_run_matches == ("shop/dry-allow (Allow)",)
 
 
 def test_reload_with_a_bad_policy_keeps_the_old_ones():
@@ -365,10 +367,27 @@ def test_ten_thousand_policies_evaluate_only_what_applies(record_property):
     record_property("reload_seconds", round(reload_seconds, 3))
     record_property("indexed_us_per_connection", round(per_connection * 1e6, 1))
     record_property("unindexed_ms_per_connection", round(unindexed * 1e3, 2))
-    print(f"10k policies: build {build_seconds:.2f}s, reload {reload_seconds:.3f}s, indexed {per_connection * 1e6:.1f}us/connection, "
-          f"all policies {unindexed * 1e3:.2f}ms/connection")
+    print(f"10k policies: build {build_seconds:.2f}s, reload {reload_seconds:.3f}s, "
+          f"indexed {per_connection * 1e6:.1f}us/connection, all policies {unindexed * 1e3:.2f}ms/connection")
     # Loose bounds: the shared 2-core test machine is noisy; the point is that indexing keeps the cost
     # of a connection independent of the 10,000 policies elsewhere in the mesh.
     assert per_connection < 0.002
     assert reload_seconds < build_seconds
     assert per_connection * 20 < unindexed
+
+
+def test_state_provider_follows_reloads_and_fails_closed_when_first_policies_are_bad():
+    good = parse_mesh_state({**MESH, "policies": [policy({"destinationPorts": [8080]}, action="Deny",
+                                                          scope="Namespace", namespace="shop")]},
+                            "cluster.local")
+    bad = parse_mesh_state({**MESH, "policies": [policy({"destinationPorts": ["http"]})]}, "cluster.local")
+    current = {"state": bad}
+    authz = MeshAuthorizer(state_provider=lambda: current["state"])
+    decision = authz.authorize(ctx(bad, "10.0.0.11", 9000))
+    assert not decision.allowed and "policies are invalid" in decision.reason  # nothing known safe yet
+    current["state"] = good
+    assert authz.authorize(ctx(good, "10.0.0.11", 9000)).allowed
+    assert not authz.authorize(ctx(good, "10.0.0.11", 8080)).allowed
+    current["state"] = bad  # a bad reload keeps the previous policies
+    assert not authz.authorize(ctx(bad, "10.0.0.11", 8080)).allowed
+    assert authz.authorize(ctx(bad, "10.0.0.11", 9000)).allowed

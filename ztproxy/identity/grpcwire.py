@@ -43,14 +43,23 @@ UNAUTHENTICATED = 16
 def _build_messages():
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
-    proto = descriptor_pb2.FileDescriptorProto(name="ztmesh/istio_ca.proto", package="istio.v1.auth",
-                                               syntax="proto3", dependency=["google/protobuf/struct.proto"])
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="ztmesh/istio_ca.proto",
+        package="istio.v1.auth",
+        syntax="proto3",
+        dependency=["google/protobuf/struct.proto"],
+    )
     field = descriptor_pb2.FieldDescriptorProto
     request = proto.message_type.add(name="IstioCertificateRequest")
     request.field.add(name="csr", number=1, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
     request.field.add(name="validity_duration", number=2, type=field.TYPE_INT64, label=field.LABEL_OPTIONAL)
-    request.field.add(name="metadata", number=3, type=field.TYPE_MESSAGE, label=field.LABEL_OPTIONAL,
-                      type_name=".google.protobuf.Struct")
+    request.field.add(
+        name="metadata",
+        number=3,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_OPTIONAL,
+        type_name=".google.protobuf.Struct",
+    )
     response = proto.message_type.add(name="IstioCertificateResponse")
     response.field.add(name="cert_chain", number=1, type=field.TYPE_STRING, label=field.LABEL_REPEATED)
     pool.AddSerializedFile(proto.SerializeToString())
@@ -86,7 +95,9 @@ def unframe(body: bytes) -> bytes:
         raise GrpcError(INVALID_ARGUMENT, "truncated gRPC message")
     compressed, length = struct.unpack(">BI", body[:5])
     if compressed:
-        raise GrpcError(UNIMPLEMENTED, "compressed gRPC messages are not supported (send grpc-encoding identity)")
+        raise GrpcError(
+            UNIMPLEMENTED, "compressed gRPC messages are not supported (send grpc-encoding identity)"
+        )
     if length > MAX_MESSAGE:
         raise GrpcError(RESOURCE_EXHAUSTED, f"gRPC message of {length} bytes exceeds {MAX_MESSAGE}")
     if len(body) != 5 + length:
@@ -107,8 +118,11 @@ def parse_request(payload: bytes) -> Tuple[str, int, Dict[str, str]]:
         request.ParseFromString(payload)
     except Exception as exc:  # protobuf raises its own DecodeError; all mean the same to the caller
         raise GrpcError(INVALID_ARGUMENT, f"malformed IstioCertificateRequest: {exc}") from exc
-    metadata = {key: value.string_value for key, value in request.metadata.fields.items()
-                if value.WhichOneof("kind") == "string_value"}
+    metadata = {
+        key: value.string_value
+        for key, value in request.metadata.fields.items()
+        if value.WhichOneof("kind") == "string_value"
+    }
     return request.csr, int(request.validity_duration), metadata
 
 

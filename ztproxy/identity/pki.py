@@ -91,12 +91,16 @@ class SpiffeId:
         """Parse ``spiffe://<td>/ns/<ns>/sa/<sa>`` (Istio's form), with an operator-grade error."""
         prefix = "spiffe://"
         if not isinstance(text, str) or not text.startswith(prefix):
-            raise IdentityError(f"{text!r} is not a SPIFFE ID: expected spiffe://<trust-domain>/ns/<namespace>/sa/"
-                                "<service-account>")
-        parts = text[len(prefix):].split("/")
+            raise IdentityError(
+                f"{text!r} is not a SPIFFE ID: expected spiffe://<trust-domain>/ns/<namespace>/sa/"
+                "<service-account>"
+            )
+        parts = text[len(prefix) :].split("/")
         if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
-            raise IdentityError(f"{text!r} is not an Istio SPIFFE ID: expected spiffe://<trust-domain>/ns/"
-                                "<namespace>/sa/<service-account>")
+            raise IdentityError(
+                f"{text!r} is not an Istio SPIFFE ID: expected spiffe://<trust-domain>/ns/"
+                "<namespace>/sa/<service-account>"
+            )
         return cls.of(parts[0], parts[2], parts[4])
 
     @classmethod
@@ -104,8 +108,10 @@ class SpiffeId:
         check_trust_domain(trust_domain)
         for what, value in (("namespace", namespace), ("service account", service_account)):
             if not value or not _SEGMENT_RE.match(value) or value in (".", ".."):
-                raise IdentityError(f"{what} {value!r} is not valid in a SPIFFE ID: use letters, digits, "
-                                    "'.', '-' and '_' only")
+                raise IdentityError(
+                    f"{what} {value!r} is not valid in a SPIFFE ID: use letters, digits, "
+                    "'.', '-' and '_' only"
+                )
         return cls(trust_domain, namespace, service_account)
 
     @property
@@ -114,13 +120,15 @@ class SpiffeId:
 
     @property
     def node_name(self) -> Optional[str]:
-        return self.service_account[len(NODE_SA_PREFIX):] if self.is_node else None
+        return self.service_account[len(NODE_SA_PREFIX) :] if self.is_node else None
 
 
 def check_trust_domain(trust_domain: str) -> str:
     if not trust_domain or not _TRUST_DOMAIN_RE.match(trust_domain) or len(trust_domain) > 255:
-        raise IdentityError(f"trust domain {trust_domain!r} is not valid: use lower-case letters, digits, "
-                            "'.', '-' and '_' (for example cluster.local)")
+        raise IdentityError(
+            f"trust domain {trust_domain!r} is not valid: use lower-case letters, digits, "
+            "'.', '-' and '_' (for example cluster.local)"
+        )
     return trust_domain
 
 
@@ -170,8 +178,9 @@ def load_key(data: bytes | str, what: str = "private key"):
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise IdentityError(f"{what} is not an unencrypted PEM private key ({exc}); ztmesh needs the key "
-                            "without a passphrase") from exc
+        raise IdentityError(
+            f"{what} is not an unencrypted PEM private key ({exc}); ztmesh needs the key without a passphrase"
+        ) from exc
 
 
 def load_key_file(path: str):
@@ -191,8 +200,9 @@ def certs_pem(certs: Iterable[x509.Certificate]) -> str:
 
 
 def key_pem(key) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 def not_before(cert: x509.Certificate) -> datetime.datetime:
@@ -233,8 +243,9 @@ def spiffe_uris(cert_or_csr) -> List[str]:
     san = _extension(cert_or_csr, x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
     if san is None:
         return []
-    return [uri for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if uri.startswith("spiffe://")]
+    return [
+        uri for uri in san.get_values_for_type(x509.UniformResourceIdentifier) if uri.startswith("spiffe://")
+    ]
 
 
 def identity_of(cert: x509.Certificate) -> Optional[SpiffeId]:
@@ -267,8 +278,9 @@ def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     public = issuer.public_key()
     try:
         if isinstance(public, rsa.RSAPublicKey):
-            public.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
-                          cert.signature_hash_algorithm)
+            public.verify(
+                cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm
+            )
         elif isinstance(public, ec.EllipticCurvePublicKey):
             public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
         else:  # Ed25519/Ed448: no hash parameter
@@ -281,8 +293,12 @@ def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # Chain verification (used before installing anything, and by `cert show`)
 # ---------------------------------------------------------------------------------------------------
-def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
-                 roots: Sequence[x509.Certificate], at: Optional[datetime.datetime] = None) -> List[x509.Certificate]:
+def verify_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    at: Optional[datetime.datetime] = None,
+) -> List[x509.Certificate]:
     """Check that ``leaf`` chains through ``intermediates`` to one of ``roots``, every certificate valid at
     ``at``; return the path (leaf first, root last). Raise IdentityError saying which link is broken."""
     at = at or utcnow()
@@ -299,12 +315,16 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
                 return path
         issuer = next((c for c in pool if c is not current and signed_by(current, c)), None)
         if issuer is None:
-            raise IdentityError(f"certificate {describe(current)} was not issued by any certificate of the chain "
-                                "or of the trust bundle: the chain does not lead to a trusted root (is the trust "
-                                "bundle the root of the CA that signed it?)")
+            raise IdentityError(
+                f"certificate {describe(current)} was not issued by any certificate of the chain "
+                "or of the trust bundle: the chain does not lead to a trusted root (is the trust "
+                "bundle the root of the CA that signed it?)"
+            )
         if not is_ca(issuer):
-            raise IdentityError(f"certificate {describe(issuer)} signed {describe(current)} but is not a CA "
-                                "certificate (basicConstraints CA:TRUE with keyCertSign)")
+            raise IdentityError(
+                f"certificate {describe(issuer)} signed {describe(current)} but is not a CA "
+                "certificate (basicConstraints CA:TRUE with keyCertSign)"
+            )
         pool.remove(issuer)
         path.append(issuer)
         current = issuer
@@ -313,8 +333,10 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
 
 def _check_time(cert: x509.Certificate, at: datetime.datetime) -> None:
     if at < not_before(cert):
-        raise IdentityError(f"certificate {describe(cert)} is not valid before {not_before(cert).isoformat()} "
-                            "(check the clocks)")
+        raise IdentityError(
+            f"certificate {describe(cert)} is not valid before {not_before(cert).isoformat()} "
+            "(check the clocks)"
+        )
     if at >= not_after(cert):
         raise IdentityError(f"certificate {describe(cert)} expired at {not_after(cert).isoformat()}")
 
@@ -328,6 +350,7 @@ def describe(cert: x509.Certificate) -> str:
 @dataclass(frozen=True)
 class CertSummary:
     """What `cert show` and the modules report about one certificate."""
+
     identity: Optional[str]
     serial: str
     issuer: str
@@ -345,15 +368,26 @@ class CertSummary:
         return self.not_before + datetime.timedelta(seconds=self.lifetime * fraction)
 
     def as_dict(self, at: Optional[datetime.datetime] = None) -> Dict[str, object]:
-        return {"identity": self.identity, "serial": self.serial, "issuer": self.issuer,
-                "not_before": self.not_before.isoformat(), "not_after": self.not_after.isoformat(),
-                "lifetime_seconds": int(self.lifetime), "remaining_seconds": int(self.remaining(at))}
+        return {
+            "identity": self.identity,
+            "serial": self.serial,
+            "issuer": self.issuer,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "lifetime_seconds": int(self.lifetime),
+            "remaining_seconds": int(self.remaining(at)),
+        }
 
 
 def summarize(cert: x509.Certificate) -> CertSummary:
     ident = identity_of(cert)
-    return CertSummary(identity=str(ident) if ident else None, serial=serial_hex(cert),
-                       issuer=cert.issuer.rfc4514_string(), not_before=not_before(cert), not_after=not_after(cert))
+    return CertSummary(
+        identity=str(ident) if ident else None,
+        serial=serial_hex(cert),
+        issuer=cert.issuer.rfc4514_string(),
+        not_before=not_before(cert),
+        not_after=not_after(cert),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,7 +397,9 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _san_extension(identity: SpiffeId, dns_names: Sequence[str] = (), ips: Sequence = ()) -> x509.SubjectAlternativeName:
+def _san_extension(
+    identity: SpiffeId, dns_names: Sequence[str] = (), ips: Sequence = ()
+) -> x509.SubjectAlternativeName:
     names: List[x509.GeneralName] = [x509.UniformResourceIdentifier(str(identity))]
     names += [x509.DNSName(d) for d in dns_names]
     names += [x509.IPAddress(ip) for ip in ips]
@@ -405,6 +441,7 @@ def parse_csr(pem: str | bytes) -> x509.CertificateSigningRequest:
 @dataclass
 class CaMaterial:
     """A signing CA: its certificate and key, the chain up to (not including) the root, and the roots."""
+
     directory: str
     signing_cert: x509.Certificate
     signing_key: object
@@ -421,10 +458,14 @@ class CaMaterial:
         return certs_pem(self.roots)
 
     def summary(self) -> Dict[str, object]:
-        return {"directory": self.directory, "signing_cert": summarize(self.signing_cert).as_dict(),
-                "subject": self.signing_cert.subject.rfc4514_string(),
-                "root_subject": self.anchor.subject.rfc4514_string(),
-                "root_serial": serial_hex(self.anchor), "roots": len(self.roots)}
+        return {
+            "directory": self.directory,
+            "signing_cert": summarize(self.signing_cert).as_dict(),
+            "subject": self.signing_cert.subject.rfc4514_string(),
+            "root_subject": self.anchor.subject.rfc4514_string(),
+            "root_serial": serial_hex(self.anchor),
+            "roots": len(self.roots),
+        }
 
 
 def _ca_file(directory: str, name: str) -> str:
@@ -438,11 +479,15 @@ def ca_exists(directory: str) -> bool:
 def load_ca(directory: str, at: Optional[datetime.datetime] = None) -> CaMaterial:
     """Load and validate CA material in Istio's plug-in layout; every refusal says what to fix."""
     at = at or utcnow()
-    missing = [f for f in (CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE) if not os.path.exists(_ca_file(directory, f))]
+    missing = [
+        f for f in (CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE) if not os.path.exists(_ca_file(directory, f))
+    ]
     if missing:
-        raise CaError(f"CA directory {directory} lacks {', '.join(missing)}: give a directory in Istio's plug-in "
-                      f"layout ({CA_CERT_FILE}, {CA_KEY_FILE}, {ROOT_CERT_FILE}, {CERT_CHAIN_FILE}) or let ztmesh "
-                      "create a CA there ('ztproxy ca init')")
+        raise CaError(
+            f"CA directory {directory} lacks {', '.join(missing)}: give a directory in Istio's plug-in "
+            f"layout ({CA_CERT_FILE}, {CA_KEY_FILE}, {ROOT_CERT_FILE}, {CERT_CHAIN_FILE}) or let ztmesh "
+            "create a CA there ('ztproxy ca init')"
+        )
     ca_certs = load_cert_file(_ca_file(directory, CA_CERT_FILE))
     signing_cert = ca_certs[0]
     signing_key = load_key_file(_ca_file(directory, CA_KEY_FILE))
@@ -451,18 +496,28 @@ def load_ca(directory: str, at: Optional[datetime.datetime] = None) -> CaMateria
     chain = load_cert_file(chain_path) if os.path.exists(chain_path) else [signing_cert]
 
     if not key_matches_cert(signing_key, signing_cert):
-        raise CaError(f"{CA_KEY_FILE} does not belong to {CA_CERT_FILE} in {directory} (their public keys differ): "
-                      "put the key that was generated with this CA certificate")
+        raise CaError(
+            f"{CA_KEY_FILE} does not belong to {CA_CERT_FILE} in {directory} (their public keys differ): "
+            "put the key that was generated with this CA certificate"
+        )
     if not is_ca(signing_cert):
-        raise CaError(f"{CA_CERT_FILE} in {directory} ({describe(signing_cert)}) is not a CA certificate: it needs "
-                      "basicConstraints CA:TRUE and keyCertSign; an end-entity certificate cannot sign workloads")
+        raise CaError(
+            f"{CA_CERT_FILE} in {directory} ({describe(signing_cert)}) is not a CA certificate: it needs "
+            "basicConstraints CA:TRUE and keyCertSign; an end-entity certificate cannot sign workloads"
+        )
     for root in roots:
         if not is_self_signed(root) or not is_ca(root):
-            raise CaError(f"{ROOT_CERT_FILE} in {directory} holds {describe(root)}, which is not a self-signed CA "
-                          "certificate: it must hold only root certificates")
-    if chain[0].public_bytes(serialization.Encoding.DER) != signing_cert.public_bytes(serialization.Encoding.DER):
-        raise CaError(f"{CERT_CHAIN_FILE} in {directory} must start with {CA_CERT_FILE} (Istio's layout: "
-                      "cert-chain.pem = ca-cert.pem followed by its issuers)")
+            raise CaError(
+                f"{ROOT_CERT_FILE} in {directory} holds {describe(root)}, which is not a self-signed CA "
+                "certificate: it must hold only root certificates"
+            )
+    if chain[0].public_bytes(serialization.Encoding.DER) != signing_cert.public_bytes(
+        serialization.Encoding.DER
+    ):
+        raise CaError(
+            f"{CERT_CHAIN_FILE} in {directory} must start with {CA_CERT_FILE} (Istio's layout: "
+            "cert-chain.pem = ca-cert.pem followed by its issuers)"
+        )
     # Roots inside cert-chain.pem are allowed (Istio's tooling puts the root there) but not sent twice.
     intermediates = [c for c in chain[1:] if not is_self_signed(c)]
     try:
@@ -470,26 +525,53 @@ def load_ca(directory: str, at: Optional[datetime.datetime] = None) -> CaMateria
     except IdentityError as exc:
         raise CaError(f"CA in {directory} is not usable: {exc}") from exc
     anchor = path[-1]
-    if is_self_signed(signing_cert):
-        # A root that signs directly: allowed (small meshes), chain is just the root itself.
-        chain = [signing_cert]
-    else:
-        chain = path[:-1]
-    return CaMaterial(directory=directory, signing_cert=signing_cert, signing_key=signing_key, chain=chain,
-                      roots=roots, anchor=anchor)
+    # A root that signs directly is allowed (small meshes): its chain is just itself.
+    chain = [signing_cert] if is_self_signed(signing_cert) else path[:-1]
+    return CaMaterial(
+        directory=directory,
+        signing_cert=signing_cert,
+        signing_key=signing_key,
+        chain=chain,
+        roots=roots,
+        anchor=anchor,
+    )
 
 
-def _ca_builder(subject: x509.Name, issuer: x509.Name, public_key, issuer_key_public, days: int,
-                path_length: Optional[int], now: datetime.datetime) -> x509.CertificateBuilder:
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-               .serial_number(_serial()).not_valid_before(now - datetime.timedelta(seconds=CLOCK_SKEW_GRACE))
-               .not_valid_after(now + datetime.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key_public), critical=False))
+def _ca_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key,
+    issuer_key_public,
+    days: int,
+    path_length: Optional[int],
+    now: datetime.datetime,
+) -> x509.CertificateBuilder:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(_serial())
+        .not_valid_before(now - datetime.timedelta(seconds=CLOCK_SKEW_GRACE))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key_public), critical=False)
+    )
     return builder
 
 
@@ -498,31 +580,50 @@ def _serial() -> int:
     return secrets.randbits(127) | 1
 
 
-def create_ca(directory: str, organization: str = DEFAULT_CA_ORGANIZATION, root_days: int = DEFAULT_ROOT_TTL_DAYS,
-              intermediate_days: int = DEFAULT_INTERMEDIATE_TTL_DAYS, root_cn: str = "ztmesh root CA",
-              root_key=None, root_cert: Optional[x509.Certificate] = None) -> CaMaterial:
+def create_ca(
+    directory: str,
+    organization: str = DEFAULT_CA_ORGANIZATION,
+    root_days: int = DEFAULT_ROOT_TTL_DAYS,
+    intermediate_days: int = DEFAULT_INTERMEDIATE_TTL_DAYS,
+    root_cn: str = "ztmesh root CA",
+    root_key=None,
+    root_cert: Optional[x509.Certificate] = None,
+) -> CaMaterial:
     """Create a root (unless one is given) and an intermediate that signs, in Istio's plug-in layout.
 
     Keys are written 0600 and never overwritten: an existing CA in ``directory`` is an error."""
     if ca_exists(directory):
-        raise CaError(f"{directory} already holds CA material; refusing to overwrite it (use another directory "
-                      "for a new CA)")
+        raise CaError(
+            f"{directory} already holds CA material; refusing to overwrite it (use another directory "
+            "for a new CA)"
+        )
     os.makedirs(directory, mode=0o700, exist_ok=True)
     now = utcnow()
     if root_key is None:
         root_key = ec.generate_private_key(ec.SECP384R1())
-        root_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-                               x509.NameAttribute(NameOID.COMMON_NAME, f"{root_cn} {now.strftime('%Y-%m-%d')}"
-                                                  f" {secrets.token_hex(3)}")])
-        root_cert = _ca_builder(root_name, root_name, root_key.public_key(), root_key.public_key(), root_days,
-                                None, now).sign(root_key, hashes.SHA384())
+        root_name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, f"{root_cn} {now.strftime('%Y-%m-%d')} {secrets.token_hex(3)}"
+                ),
+            ]
+        )
+        root_cert = _ca_builder(
+            root_name, root_name, root_key.public_key(), root_key.public_key(), root_days, None, now
+        ).sign(root_key, hashes.SHA384())
     assert root_cert is not None
     int_key = ec.generate_private_key(ec.SECP256R1())
-    int_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-                          x509.NameAttribute(NameOID.COMMON_NAME, f"ztmesh intermediate CA {secrets.token_hex(3)}")])
+    int_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"ztmesh intermediate CA {secrets.token_hex(3)}"),
+        ]
+    )
     days = min(intermediate_days, max(1, (not_after(root_cert) - now).days))
-    int_cert = _ca_builder(int_name, root_cert.subject, int_key.public_key(), root_key.public_key(), days, 0,
-                           now).sign(root_key, hashes.SHA384())
+    int_cert = _ca_builder(
+        int_name, root_cert.subject, int_key.public_key(), root_key.public_key(), days, 0, now
+    ).sign(root_key, hashes.SHA384())
     write_file(_ca_file(directory, ROOT_KEY_FILE), key_pem(root_key), KEY_MODE)
     write_file(_ca_file(directory, CA_KEY_FILE), key_pem(int_key), KEY_MODE)
     write_file(_ca_file(directory, ROOT_CERT_FILE), cert_pem(root_cert), CERT_MODE)
@@ -531,8 +632,15 @@ def create_ca(directory: str, organization: str = DEFAULT_CA_ORGANIZATION, root_
     return load_ca(directory)
 
 
-def issue_leaf(ca: CaMaterial, public_key, identity: SpiffeId, ttl: int = DEFAULT_CERT_TTL,
-               dns_names: Sequence[str] = (), ips: Sequence = (), now: Optional[datetime.datetime] = None) -> x509.Certificate:
+def issue_leaf(
+    ca: CaMaterial,
+    public_key,
+    identity: SpiffeId,
+    ttl: int = DEFAULT_CERT_TTL,
+    dns_names: Sequence[str] = (),
+    ips: Sequence = (),
+    now: Optional[datetime.datetime] = None,
+) -> x509.Certificate:
     """Sign a workload certificate as istiod would. The lifetime is capped by the signing certificate's."""
     now = now or utcnow()
     ttl = max(1, min(int(ttl), MAX_CERT_TTL))
@@ -541,29 +649,57 @@ def issue_leaf(ca: CaMaterial, public_key, identity: SpiffeId, ttl: int = DEFAUL
         raise CaError(f"the signing certificate {describe(ca.signing_cert)} has expired: rotate the CA")
     grace = min(CLOCK_SKEW_GRACE, ttl * 0.1)
     starts = max(now - datetime.timedelta(seconds=grace), not_before(ca.signing_cert))
-    builder = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca.signing_cert.subject)
-               .public_key(public_key).serial_number(_serial()).not_valid_before(starts).not_valid_after(expires)
-               .add_extension(_san_extension(identity, dns_names, ips), critical=True)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
-                                            data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                              critical=False)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.signing_cert.public_key()),
-                              critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.signing_cert.subject)
+        .public_key(public_key)
+        .serial_number(_serial())
+        .not_valid_before(starts)
+        .not_valid_after(expires)
+        .add_extension(_san_extension(identity, dns_names, ips), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.signing_cert.public_key()), critical=False
+        )
+    )
     return builder.sign(ca.signing_key, hashes.SHA256())
 
 
-def sign_csr(ca: CaMaterial, csr_pem: str | bytes, identity: SpiffeId, ttl: int = DEFAULT_CERT_TTL,
-             now: Optional[datetime.datetime] = None) -> x509.Certificate:
+def sign_csr(
+    ca: CaMaterial,
+    csr_pem: str | bytes,
+    identity: SpiffeId,
+    ttl: int = DEFAULT_CERT_TTL,
+    now: Optional[datetime.datetime] = None,
+) -> x509.Certificate:
     """Sign a CSR for ``identity`` (already authorized by the caller). A CSR that names a different SPIFFE
     ID is refused rather than silently rewritten, so a misconfigured node is noticed."""
     csr = parse_csr(csr_pem)
     asked = spiffe_uris(csr)
     if asked and asked != [str(identity)]:
-        raise IdentityError(f"the CSR asks for {', '.join(asked)} but the identity being signed is {identity}")
+        raise IdentityError(
+            f"the CSR asks for {', '.join(asked)} but the identity being signed is {identity}"
+        )
     return issue_leaf(ca, csr.public_key(), identity, ttl, now=now)
 
 
@@ -595,8 +731,9 @@ def split_response_chain(pems: Sequence[str]) -> Tuple[x509.Certificate, List[x5
 # ---------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------
-def write_file(path: str, content: str | bytes, mode: int, owner: Optional[int] = None,
-               group: Optional[int] = None) -> None:
+def write_file(
+    path: str, content: str | bytes, mode: int, owner: Optional[int] = None, group: Optional[int] = None
+) -> None:
     """Write atomically: temp file in the same directory, fsync, chmod/chown, rename, fsync the directory.
     Readers (the data plane) see the old file or the new one, never a partial one."""
     if isinstance(content, str):

@@ -1,0 +1,112 @@
+"""HBONE connection pool: CONNECT streams multiplexed per (source identity, destination identity,
+destination address), at most ``pool_max_streams`` per connection (ztunnel's
+POOL_MAX_STREAMS_PER_CONNECTION, 100), connections released after ``pool_idle_timeout`` unused.
+
+The source identity's certificate generation is part of the key: after a renewal new streams go to a
+new connection with the new certificate while the old connection finishes its streams and idles out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Dict, List, Tuple
+
+from ztproxy.certs import CertError
+from ztproxy.hbone_client import HboneClientSession, HboneError
+from ztproxy.origdst import outgoing_socket
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ztproxy.app import App
+
+log = logging.getLogger("ztproxy.pool")
+
+PoolKey = Tuple[str, int, str, Tuple[str, int]]
+
+
+class HbonePool:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._sessions: Dict[PoolKey, List[HboneClientSession]] = {}
+
+    def sessions(self) -> List[HboneClientSession]:
+        return [s for group in self._sessions.values() for s in group]
+
+    async def acquire(self, src_identity: str, dst_identity: str,
+                      dst_addr: Tuple[str, int]) -> HboneClientSession:
+        """A connected session with a stream reserved for the caller (release via the session)."""
+        try:
+            contexts = self.app.certs.get(src_identity)
+        except CertError as exc:
+            raise HboneError(f"no usable certificate for {src_identity}: {exc}") from None
+        key: PoolKey = (src_identity, contexts.generation, dst_identity, dst_addr)
+        group = self._sessions.setdefault(key, [])
+        for session in group:
+            if session.accepts_streams():
+                session.reserve()
+                try:
+                    await session.ready
+                except HboneError:
+                    session.release()
+                    raise
+                return session
+        session = self._new_session(key)
+        group.append(session)
+        session.reserve()
+        self.app.spawn(self._connect(session, contexts.client, dst_addr))
+        try:
+            await session.ready
+        except HboneError:
+            session.release()
+            raise
+        return session
+
+    def _new_session(self, key: PoolKey) -> HboneClientSession:
+        settings = self.app.settings
+
+        def lost(session: HboneClientSession) -> None:
+            group = self._sessions.get(key)
+            if group is not None and session in group:
+                group.remove(session)
+                if not group:
+                    del self._sessions[key]
+
+        session = HboneClientSession(self.app.h2_limits, key[2], settings.pool_max_streams, on_lost=lost)
+
+        def idle() -> None:
+            loop = asyncio.get_event_loop()
+            session.idle_handle = loop.call_later(settings.pool_idle_timeout, self._release_idle, session)
+
+        session.became_idle = idle  # type: ignore[method-assign]
+        return session
+
+    @staticmethod
+    def _release_idle(session: HboneClientSession) -> None:
+        if session.reserved == 0 and not session.closed:
+            log.debug("releasing idle HBONE connection to %s", session.peername())
+            session.goaway()
+            session.close()
+
+    async def _connect(self, session: HboneClientSession, ssl_context, dst_addr: Tuple[str, int]) -> None:
+        settings = self.app.settings
+        loop = asyncio.get_event_loop()
+        try:
+            sock = outgoing_socket(dst_addr[0], settings.socket_mark)
+        except OSError as exc:
+            session.connection_failed(f"cannot create a socket: {exc}")
+            return
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, dst_addr), settings.connect_timeout)
+            # server_hostname: an IP sends no SNI; the identity is checked on the URI SAN instead.
+            await loop.create_connection(lambda: session, sock=sock, ssl=ssl_context,
+                                         server_hostname=dst_addr[0],
+                                         ssl_handshake_timeout=settings.tls_handshake_timeout)
+        except asyncio.TimeoutError:
+            sock.close()
+            session.connection_failed(f"HBONE connect to {dst_addr[0]}:{dst_addr[1]} timed out")
+        except (OSError, ConnectionError) as exc:
+            sock.close()
+            session.connection_failed(f"HBONE connect to {dst_addr[0]}:{dst_addr[1]} failed: {exc}")
+        else:
+            if session.close_reason is not None and not session.ready.done():
+                session.connection_failed(session.close_reason)
