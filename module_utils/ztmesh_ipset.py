@@ -24,8 +24,17 @@ from ansible.module_utils.ztmesh_scratch import run_in_scratch_netns
 MAX_NAME_LEN = 31  # IPSET_MAXNAMELEN (32) minus the terminating NUL
 TEMP_SUFFIX = "-ztmp"
 SET_TYPES = (
-    "hash:ip", "hash:net", "hash:ip,port", "hash:net,port", "hash:ip,port,ip", "hash:ip,port,net",
-    "hash:net,net", "hash:net,port,net", "hash:net,iface", "hash:ip,mac", "hash:mac",
+    "hash:ip",
+    "hash:net",
+    "hash:ip,port",
+    "hash:net,port",
+    "hash:ip,port,ip",
+    "hash:ip,port,net",
+    "hash:net,net",
+    "hash:net,port,net",
+    "hash:net,iface",
+    "hash:ip,mac",
+    "hash:mac",
 )
 FAMILIES = ("inet", "inet6")
 OPTION_KEYS = ("hashsize", "maxelem", "timeout", "comment")
@@ -178,8 +187,12 @@ def spec_from_params(params: dict) -> SetSpec:
 
     comment = options.get("comment")
     spec = SetSpec(
-        name=params["name"], type=params.get("type") or "hash:ip", family=params.get("family") or "inet",
-        hashsize=as_int("hashsize"), maxelem=as_int("maxelem"), timeout=as_int("timeout"),
+        name=params["name"],
+        type=params.get("type") or "hash:ip",
+        family=params.get("family") or "inet",
+        hashsize=as_int("hashsize"),
+        maxelem=as_int("maxelem"),
+        timeout=as_int("timeout"),
         comment=None if comment is None else str(comment),
         members=[str(m).strip() if isinstance(m, (str, int)) else m for m in (params.get("members") or [])],
     )
@@ -279,8 +292,14 @@ def ipset_command() -> str:
 
 def run_ipset(args: List[str], stdin: Optional[str] = None) -> Tuple[int, str, str]:
     try:
-        proc = subprocess.run([ipset_command(), *args], input=stdin, capture_output=True, text=True,
-                              timeout=TOOL_TIMEOUT, check=False)
+        proc = subprocess.run(
+            [ipset_command(), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         raise IpsetError(f"'ipset {' '.join(args)}' did not finish in {TOOL_TIMEOUT}s") from None
     return proc.returncode, proc.stdout, proc.stderr
@@ -327,8 +346,9 @@ def canonical_set(spec: SetSpec, members: List[str]) -> SetState:
     """Load the set into a throwaway namespace and read it back: kernel-validated canonical form."""
     lines = [create_line(spec, spec.name)] + [add_line(spec.name, m, spec.comment) for m in members]
     ipset = ipset_command()
-    results = run_in_scratch_netns([([ipset, "restore"], "\n".join(lines) + "\n"),
-                                    ([ipset, "save", spec.name], None)])
+    results = run_in_scratch_netns(
+        [([ipset, "restore"], "\n".join(lines) + "\n"), ([ipset, "save", spec.name], None)]
+    )
     last = results[-1]
     if last.rc != 0:
         detail = restore_error(last.stderr, lines)
@@ -375,8 +395,14 @@ def _fill(temp: str, spec: SetSpec, members: Dict[str, Optional[str]]) -> List[s
     return [create_line(spec, temp)] + [add_line(temp, m, c) for m, c in members.items()]
 
 
-def plan_present(spec: SetSpec, mode: str, live: Optional[SetState], desired: SetState,
-                 temp_name: str, live_references: int) -> IpsetPlan:
+def plan_present(
+    spec: SetSpec,
+    mode: str,
+    live: Optional[SetState],
+    desired: SetState,
+    temp_name: str,
+    live_references: int,
+) -> IpsetPlan:
     """``desired`` is the canonical set (from the scratch namespace) holding the members to have."""
     after = SetState(spec.name, desired.type, desired.header, dict(desired.members))
     if live is None:
@@ -424,8 +450,10 @@ def state_dict(state: Optional[SetState]) -> dict:
         "name": state.name,
         "type": state.type,
         "header": comparable_header(state),
-        "members": [m if c is None else f"{m} comment {c!r}"
-                    for m, c in ((m, state.members[m]) for m in sorted_members(state.members))],
+        "members": [
+            m if c is None else f"{m} comment {c!r}"
+            for m, c in ((m, state.members[m]) for m in sorted_members(state.members))
+        ],
     }
 
 

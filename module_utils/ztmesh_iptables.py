@@ -34,17 +34,60 @@ BUILTIN_CHAINS: Dict[str, Tuple[str, ...]] = {
     "raw": ("PREROUTING", "OUTPUT"),
 }
 ALL_BUILTINS = frozenset(c for chains in BUILTIN_CHAINS.values() for c in chains)
-RESERVED_TARGETS = frozenset(("ACCEPT", "DROP", "RETURN", "QUEUE", "REJECT", "MARK", "CONNMARK", "TPROXY",
-                              "SNAT", "DNAT", "MASQUERADE", "REDIRECT", "LOG", "NOTRACK", "CT"))
+RESERVED_TARGETS = frozenset(
+    (
+        "ACCEPT",
+        "DROP",
+        "RETURN",
+        "QUEUE",
+        "REJECT",
+        "MARK",
+        "CONNMARK",
+        "TPROXY",
+        "SNAT",
+        "DNAT",
+        "MASQUERADE",
+        "REDIRECT",
+        "LOG",
+        "NOTRACK",
+        "CT",
+    )
+)
 MAX_CHAIN_LEN = 28  # XT_EXTENSION_MAXNAMELEN (29) minus the terminating NUL
 MAX_COMMENT_LEN = 256
 _CHAIN_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _TAG_RE = re.compile(r'^[^"\\\n\r\'`$]{1,64}$')
 # Words that are iptables *commands*: a rule spec is only matches and a target, never a command.
-_COMMAND_WORDS = frozenset(("-A", "--append", "-I", "--insert", "-D", "--delete", "-R", "--replace",
-                            "-N", "--new-chain", "-X", "--delete-chain", "-F", "--flush", "-P",
-                            "--policy", "-E", "--rename-chain", "-Z", "--zero", "-t", "--table",
-                            "-L", "--list", "-S", "--list-rules"))
+_COMMAND_WORDS = frozenset(
+    (
+        "-A",
+        "--append",
+        "-I",
+        "--insert",
+        "-D",
+        "--delete",
+        "-R",
+        "--replace",
+        "-N",
+        "--new-chain",
+        "-X",
+        "--delete-chain",
+        "-F",
+        "--flush",
+        "-P",
+        "--policy",
+        "-E",
+        "--rename-chain",
+        "-Z",
+        "--zero",
+        "-t",
+        "--table",
+        "-L",
+        "--list",
+        "-S",
+        "--list-rules",
+    )
+)
 _SET_OPTIONS = frozenset(("--match-set", "--add-set", "--del-set", "--map-set"))
 TOOL_TIMEOUT = 60
 
@@ -248,8 +291,9 @@ def owned_view(dump: TableDump, table: str, names: Sequence[str], tag: str) -> D
     return view
 
 
-def plan_present(table: str, specs: Sequence[ChainSpec], tag: str, live: TableDump,
-                 desired: TableDump) -> IptablesPlan:
+def plan_present(
+    table: str, specs: Sequence[ChainSpec], tag: str, live: TableDump, desired: TableDump
+) -> IptablesPlan:
     """``desired`` is the scratch namespace's dump: owned chains and, in built-ins, only our jumps."""
     names = [s.name for s in specs]
     declare: List[str] = []
@@ -280,10 +324,15 @@ def plan_absent(table: str, names: Sequence[str], tag: str, live: TableDump) -> 
     existing = [n for n in names if n in live.chains]
     deletes: List[str] = []
     for builtin in BUILTIN_CHAINS[table]:
-        deletes.extend(delete_line(line) for line in live.chains.get(builtin, [])
-                       if is_tagged_jump(line, tag, names))
-    tagged = {line for builtin in BUILTIN_CHAINS[table] for line in live.chains.get(builtin, [])
-              if is_tagged_jump(line, tag, names)}
+        deletes.extend(
+            delete_line(line) for line in live.chains.get(builtin, []) if is_tagged_jump(line, tag, names)
+        )
+    tagged = {
+        line
+        for builtin in BUILTIN_CHAINS[table]
+        for line in live.chains.get(builtin, [])
+        if is_tagged_jump(line, tag, names)
+    }
     for chain, rules in live.chains.items():
         if chain in existing:
             continue
@@ -321,7 +370,9 @@ class ScratchInput:
     origin: Dict[int, str]  # restore line number -> "chain X rule N: 'spec'"
 
 
-def scratch_input(table: str, specs: Sequence[ChainSpec], tag: str, foreign_chains: Sequence[str]) -> ScratchInput:
+def scratch_input(
+    table: str, specs: Sequence[ChainSpec], tag: str, foreign_chains: Sequence[str]
+) -> ScratchInput:
     lines = [f"*{table}"]
     origin: Dict[int, str] = {}
     # Foreign user chains exist (empty) so that owned rules may jump to them as on the live host.
@@ -340,9 +391,16 @@ def scratch_input(table: str, specs: Sequence[ChainSpec], tag: str, foreign_chai
     return ScratchInput(text="\n".join(lines) + "\n", origin=origin)
 
 
-def canonical_dump(table: str, specs: Sequence[ChainSpec], tag: str, foreign_chains: Sequence[str],
-                   restore_cmd: str, save_cmd: str, ipset_cmd: Optional[str],
-                   set_create_lines: Sequence[str]) -> TableDump:
+def canonical_dump(
+    table: str,
+    specs: Sequence[ChainSpec],
+    tag: str,
+    foreign_chains: Sequence[str],
+    restore_cmd: str,
+    save_cmd: str,
+    ipset_cmd: Optional[str],
+    set_create_lines: Sequence[str],
+) -> TableDump:
     """Load the desired chains into a throwaway namespace and return how iptables-save prints them."""
     scratch = scratch_input(table, specs, tag, foreign_chains)
     steps: List[Tuple[List[str], Optional[str]]] = []
@@ -373,8 +431,9 @@ def canonical_dump(table: str, specs: Sequence[ChainSpec], tag: str, foreign_cha
 
 def run_tool(argv: List[str], stdin: Optional[str] = None) -> Tuple[int, str, str]:
     try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
-                              check=False)
+        proc = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False
+        )
     except subprocess.TimeoutExpired:
         raise IptablesError(f"'{' '.join(argv)}' did not finish in {TOOL_TIMEOUT}s") from None
     except OSError as exc:

@@ -28,8 +28,15 @@ MAX_PRIORITY = 0xFFFFFFFF
 SCOPES = {"global": 0, "link": 253, "host": 254}
 SCOPE_NAMES = {v: k for k, v in SCOPES.items()}
 ROUTE_TYPES = {"unicast": 1, "local": 2}
-ROUTE_TYPE_NAMES = {1: "unicast", 2: "local", 3: "broadcast", 6: "blackhole", 7: "unreachable",
-                    8: "prohibit", 9: "throw"}
+ROUTE_TYPE_NAMES = {
+    1: "unicast",
+    2: "local",
+    3: "broadcast",
+    6: "blackhole",
+    7: "unreachable",
+    8: "prohibit",
+    9: "throw",
+}
 FR_ACT_TO_TBL = 1
 FR_ACT_GOTO = 2
 RTNH_F_ONLINK = 4
@@ -64,7 +71,10 @@ class Rule:
         if self.dst:
             words += ["to", self.dst]
         if self.fwmark is not None:
-            words += ["fwmark", f"{self.fwmark:#x}/{(self.fwmask if self.fwmask is not None else 0xFFFFFFFF):#x}"]
+            words += [
+                "fwmark",
+                f"{self.fwmark:#x}/{(self.fwmask if self.fwmask is not None else 0xFFFFFFFF):#x}",
+            ]
         if self.iif:
             words += ["iif", self.iif]
         if self.oif:
@@ -140,7 +150,9 @@ def parse_table(value, where: str) -> int:
     try:
         number = int(str(value).strip(), 0)
     except (TypeError, ValueError):
-        raise RoutingError(f"{where}: table {value!r} is not a number or one of main, local, default") from None
+        raise RoutingError(
+            f"{where}: table {value!r} is not a number or one of main, local, default"
+        ) from None
     if not 1 <= number <= MAX_PRIORITY:
         raise RoutingError(f"{where}: table {number} is out of range (1..{MAX_PRIORITY})")
     return number
@@ -195,7 +207,9 @@ def desired_rule(item: dict) -> Rule:
     priority = parse_u32(item["priority"], "priority", where)
     where = f"rule {priority}"
     if priority in DEFAULT_RULE_PRIORITIES:
-        raise RoutingError(f"{where}: priorities 0, 32766 and 32767 hold the kernel's default rules; pick another")
+        raise RoutingError(
+            f"{where}: priorities 0, 32766 and 32767 hold the kernel's default rules; pick another"
+        )
     mark, mask = item.get("fwmark"), item.get("fwmask")
     if (mark is None) != (mask is None):
         raise RoutingError(
@@ -215,12 +229,15 @@ def desired_rule(item: dict) -> Rule:
         if goto_prio <= priority:
             raise RoutingError(f"{where}: goto {goto_prio} must point to a later (higher) priority")
     return Rule(
-        priority=priority, table=table_id, goto=goto_prio,
+        priority=priority,
+        table=table_id,
+        goto=goto_prio,
         fwmark=None if mark is None else parse_u32(mark, "fwmark", where),
         fwmask=None if mask is None else parse_u32(mask, "fwmask", where),
         src=None if item.get("from") is None else parse_prefix(item["from"], "from", where),
         dst=None if item.get("to") is None else parse_prefix(item["to"], "to", where),
-        iif=parse_ifname(item.get("iif"), "iif", where), oif=parse_ifname(item.get("oif"), "oif", where),
+        iif=parse_ifname(item.get("iif"), "iif", where),
+        oif=parse_ifname(item.get("oif"), "oif", where),
         action=action,
     )
 
@@ -255,8 +272,17 @@ def desired_route(item: dict) -> Route:
         raise RoutingError(f"{where}: a route via a gateway has scope global (the kernel refuses link/host)")
     metric = parse_u32(item.get("metric") or 0, "metric", where)
     src = None if item.get("src") is None else parse_address(item["src"], "src", where)
-    return Route(table=table, dst=dst, type=route_type, gateway=gateway, dev=dev, scope=scope,
-                 onlink=onlink, src=src, metric=metric)
+    return Route(
+        table=table,
+        dst=dst,
+        type=route_type,
+        gateway=gateway,
+        dev=dev,
+        scope=scope,
+        onlink=onlink,
+        src=src,
+        metric=metric,
+    )
 
 
 @dataclass
@@ -323,8 +349,9 @@ def spec_from_params(params: dict) -> RoutingSpec:
                 f"tables {bad}: main, local and default hold the kernel's own routes and cannot be owned; "
                 f"list routes in them under routes without owning the table"
             )
-    return RoutingSpec(rules=rules, priority_range=prange, routes=routes, tables=tables,
-                       local_rule_priority=local)
+    return RoutingSpec(
+        rules=rules, priority_range=prange, routes=routes, tables=tables, local_rule_priority=local
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,9 +362,22 @@ def _attrs(msg) -> dict:
     return dict(msg.get("attrs") or [])
 
 
-_RULE_IGNORED_ATTRS = frozenset(("FRA_TABLE", "FRA_PRIORITY", "FRA_FWMARK", "FRA_FWMASK", "FRA_GOTO",
-                                 "FRA_SRC", "FRA_DST", "FRA_IIFNAME", "FRA_OIFNAME", "FRA_PROTOCOL",
-                                 "FRA_SUPPRESS_PREFIXLEN", "FRA_UNSPEC"))
+_RULE_IGNORED_ATTRS = frozenset(
+    (
+        "FRA_TABLE",
+        "FRA_PRIORITY",
+        "FRA_FWMARK",
+        "FRA_FWMASK",
+        "FRA_GOTO",
+        "FRA_SRC",
+        "FRA_DST",
+        "FRA_IIFNAME",
+        "FRA_OIFNAME",
+        "FRA_PROTOCOL",
+        "FRA_SUPPRESS_PREFIXLEN",
+        "FRA_UNSPEC",
+    )
+)
 
 
 def rule_from_msg(msg) -> Rule:
@@ -368,15 +408,33 @@ def rule_from_msg(msg) -> Rule:
     if mark is not None and mask is None:
         mask = 0xFFFFFFFF
     return Rule(
-        priority=attrs.get("FRA_PRIORITY", 0), table=table if action == FR_ACT_TO_TBL else None,
+        priority=attrs.get("FRA_PRIORITY", 0),
+        table=table if action == FR_ACT_TO_TBL else None,
         goto=attrs.get("FRA_GOTO") if action == FR_ACT_GOTO else None,
-        fwmark=mark, fwmask=mask, src=prefix("FRA_SRC", "src_len"), dst=prefix("FRA_DST", "dst_len"),
-        iif=attrs.get("FRA_IIFNAME"), oif=attrs.get("FRA_OIFNAME"), action=action, extra=tuple(extra),
+        fwmark=mark,
+        fwmask=mask,
+        src=prefix("FRA_SRC", "src_len"),
+        dst=prefix("FRA_DST", "dst_len"),
+        iif=attrs.get("FRA_IIFNAME"),
+        oif=attrs.get("FRA_OIFNAME"),
+        action=action,
+        extra=tuple(extra),
     )
 
 
-_ROUTE_IGNORED_ATTRS = frozenset(("RTA_TABLE", "RTA_DST", "RTA_GATEWAY", "RTA_OIF", "RTA_PREFSRC",
-                                  "RTA_PRIORITY", "RTA_CACHEINFO", "RTA_UNSPEC", "RTA_PREF"))
+_ROUTE_IGNORED_ATTRS = frozenset(
+    (
+        "RTA_TABLE",
+        "RTA_DST",
+        "RTA_GATEWAY",
+        "RTA_OIF",
+        "RTA_PREFSRC",
+        "RTA_PRIORITY",
+        "RTA_CACHEINFO",
+        "RTA_UNSPEC",
+        "RTA_PREF",
+    )
+)
 
 
 def route_from_msg(msg, ifnames: Dict[int, str]) -> Route:
@@ -387,18 +445,31 @@ def route_from_msg(msg, ifnames: Dict[int, str]) -> Route:
     dst = attrs.get("RTA_DST") or "0.0.0.0"
     oif = attrs.get("RTA_OIF")
     return Route(
-        table=attrs.get("RTA_TABLE") or msg.get("table"), dst=f"{dst}/{msg.get('dst_len')}",
-        type=msg.get("type"), gateway=attrs.get("RTA_GATEWAY"),
-        dev=ifnames.get(oif, str(oif)) if oif is not None else None, scope=msg.get("scope"),
-        onlink=bool(msg.get("flags", 0) & RTNH_F_ONLINK), src=attrs.get("RTA_PREFSRC"),
-        metric=attrs.get("RTA_PRIORITY") or 0, extra=tuple(extra),
+        table=attrs.get("RTA_TABLE") or msg.get("table"),
+        dst=f"{dst}/{msg.get('dst_len')}",
+        type=msg.get("type"),
+        gateway=attrs.get("RTA_GATEWAY"),
+        dev=ifnames.get(oif, str(oif)) if oif is not None else None,
+        scope=msg.get("scope"),
+        onlink=bool(msg.get("flags", 0) & RTNH_F_ONLINK),
+        src=attrs.get("RTA_PREFSRC"),
+        metric=attrs.get("RTA_PRIORITY") or 0,
+        extra=tuple(extra),
     )
 
 
 def is_local_rule(rule: Rule) -> bool:
     """The kernel's ``from all lookup local`` rule (at whatever priority)."""
-    return (rule.action == FR_ACT_TO_TBL and rule.table == TABLE_NAMES["local"] and rule.fwmark is None
-            and not rule.src and not rule.dst and not rule.iif and not rule.oif and not rule.extra)
+    return (
+        rule.action == FR_ACT_TO_TBL
+        and rule.table == TABLE_NAMES["local"]
+        and rule.fwmark is None
+        and not rule.src
+        and not rule.dst
+        and not rule.iif
+        and not rule.oif
+        and not rule.extra
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,7 +507,9 @@ def _route_order(route: Route) -> Tuple:
     return (route.gateway is not None, route.table, route.dst, route.metric)
 
 
-def plan_routing(spec: RoutingSpec, rules: Sequence[Rule], routes: Sequence[Route], present: bool) -> RoutingPlan:
+def plan_routing(
+    spec: RoutingSpec, rules: Sequence[Rule], routes: Sequence[Route], present: bool
+) -> RoutingPlan:
     plan = RoutingPlan()
     local_now = [r for r in rules if is_local_rule(r)]
     has_local0 = any(r.priority == 0 for r in local_now)
@@ -444,8 +517,12 @@ def plan_routing(spec: RoutingSpec, rules: Sequence[Rule], routes: Sequence[Rout
     has_moved = lp is not None and any(r.priority == lp for r in local_now)
 
     # 1. The local rule, first when moving it so local delivery never has a gap.
-    owned_rules_now = [r for r in rules if _in_range(r, spec.priority_range)
-                       and not (lp is not None and is_local_rule(r) and r.priority == lp)]
+    owned_rules_now = [
+        r
+        for r in rules
+        if _in_range(r, spec.priority_range)
+        and not (lp is not None and is_local_rule(r) and r.priority == lp)
+    ]
     if lp is not None:
         if present:
             if not has_moved:
@@ -493,7 +570,8 @@ def plan_routing(spec: RoutingSpec, rules: Sequence[Rule], routes: Sequence[Rout
             plan.steps.append(Step("route-del", route))
 
     # Before/after views of what the module owns.
-    local_view_now = [r.text() for r in local_now]
+    # The local rule is part of what the module owns only when it manages its priority.
+    local_view_now = [r.text() for r in local_now] if lp is not None else []
     plan.before = {
         "rules": [r.text() for r in owned_rules_now] + local_view_now,
         "routes": [r.text() for r in routes if r.table in spec.tables or r in spec.routes],
@@ -523,7 +601,9 @@ def ipr_open():
     try:
         from pyroute2 import IPRoute
     except ImportError:
-        raise RoutingError("pyroute2 is not installed on this node; install python3-pyroute2 (pip: pyroute2)") from None
+        raise RoutingError(
+            "pyroute2 is not installed on this node; install python3-pyroute2 (pip: pyroute2)"
+        ) from None
     return IPRoute()
 
 
@@ -541,8 +621,9 @@ def read_state(ipr) -> Tuple[List[Rule], List[Route], Dict[int, str], Dict[str, 
     return rules, routes, links, addrs
 
 
-def check_devices_and_gateways(spec: RoutingSpec, links: Dict[int, str], addrs: Dict[str, List[Tuple[str, int]]],
-                               routes: Sequence[Route]) -> None:
+def check_devices_and_gateways(
+    spec: RoutingSpec, links: Dict[int, str], addrs: Dict[str, List[Tuple[str, int]]], routes: Sequence[Route]
+) -> None:
     names = set(links.values())
     for route in spec.routes:
         if route.dev and route.dev not in names:
@@ -554,13 +635,22 @@ def check_devices_and_gateways(spec: RoutingSpec, links: Dict[int, str], addrs: 
         if not route.gateway or route.onlink:
             continue
         gw = ipaddress.ip_address(route.gateway)
-        candidates = [ipaddress.ip_network(f"{a}/{p}", strict=False) for a, p in addrs.get(route.dev or "", [])]
-        link_routes = [r for r in list(routes) + list(spec.routes)
-                       if r.gateway is None and r.type == 1 and (r.dev == route.dev or route.dev is None)
-                       and r.table in (route.table, TABLE_NAMES["main"])]
+        candidates = [
+            ipaddress.ip_network(f"{a}/{p}", strict=False) for a, p in addrs.get(route.dev or "", [])
+        ]
+        link_routes = [
+            r
+            for r in list(routes) + list(spec.routes)
+            if r.gateway is None
+            and r.type == 1
+            and (r.dev == route.dev or route.dev is None)
+            and r.table in (route.table, TABLE_NAMES["main"])
+        ]
         candidates += [ipaddress.ip_network(r.dst) for r in link_routes]
         if route.dev is None:
-            candidates += [ipaddress.ip_network(f"{a}/{p}", strict=False) for v in addrs.values() for a, p in v]
+            candidates += [
+                ipaddress.ip_network(f"{a}/{p}", strict=False) for v in addrs.values() for a, p in v
+            ]
         local = [a for v in addrs.values() for a, _p in v]
         if route.gateway in local:
             raise RoutingError(
@@ -579,7 +669,7 @@ def check_devices_and_gateways(spec: RoutingSpec, links: Dict[int, str], addrs: 
                 f"route {route.text()!r}: gateway {route.gateway} is not directly reachable"
                 + (f" through {route.dev}" if route.dev else "")
                 + " (no address or link route there covers it); fix the gateway or dev, or set onlink: true "
-                  "when the gateway is on that link anyway (for example a peer at the far end of a veth)"
+                "when the gateway is on that link anyway (for example a peer at the far end of a veth)"
             )
 
 
@@ -604,8 +694,16 @@ def _rule_kwargs(rule: Rule) -> dict:
 
 def _route_kwargs(route: Route, ifindex: Dict[str, int]) -> dict:
     addr, plen = route.dst.split("/")
-    kwargs = {"family": socket.AF_INET, "table": route.table, "dst": addr, "dst_len": int(plen),
-              "type": route.type, "scope": route.scope, "priority": route.metric, "proto": RTPROT_STATIC}
+    kwargs = {
+        "family": socket.AF_INET,
+        "table": route.table,
+        "dst": addr,
+        "dst_len": int(plen),
+        "type": route.type,
+        "scope": route.scope,
+        "priority": route.metric,
+        "proto": RTPROT_STATIC,
+    }
     if route.gateway:
         kwargs["gateway"] = route.gateway
     if route.dev:
@@ -636,8 +734,12 @@ def apply_steps(ipr, steps: Sequence[Step], links: Dict[int, str]) -> None:
         except NetlinkError as exc:
             if step.kind.endswith("-del") and exc.code in (2, 3):
                 continue  # already gone (removed with its device, or by the kernel): the goal holds
-            hint = {101: " (gateway unreachable: check dev/gateway or set onlink)",
-                    19: " (no such device)", 17: " (already exists)", 2: " (not found: changed meanwhile?)"}
+            hint = {
+                101: " (gateway unreachable: check dev/gateway or set onlink)",
+                19: " (no such device)",
+                17: " (already exists)",
+                2: " (not found: changed meanwhile?)",
+            }
             raise RoutingError(
                 f"netlink refused '{step.text()}': {exc.args[-1] if exc.args else exc}"
                 f"{hint.get(exc.code, '')}; earlier steps of this run were applied, rerun after fixing"

@@ -19,6 +19,7 @@ the process exits: nothing to clean up, even on a crash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -81,8 +82,15 @@ def run_in_scratch_netns(steps: Sequence[Tuple[List[str], Optional[str]]]) -> Li
         for variant in _UNSHARE_VARIANTS:
             argv = [unshare, *variant, "--", sys.executable, "-c", _RUNNER]
             try:
-                proc = subprocess.run(argv, input=payload, capture_output=True, text=True,
-                                      timeout=SCRATCH_TIMEOUT, env=env, check=False)
+                proc = subprocess.run(
+                    argv,
+                    input=payload,
+                    capture_output=True,
+                    text=True,
+                    timeout=SCRATCH_TIMEOUT,
+                    env=env,
+                    check=False,
+                )
             except (OSError, subprocess.TimeoutExpired) as exc:
                 errors.append(f"{' '.join(variant)}: {exc}")
                 continue
@@ -93,10 +101,8 @@ def run_in_scratch_netns(steps: Sequence[Tuple[List[str], Optional[str]]]) -> Li
                 continue
             return [StepResult(list(step[0]), rc, out, err) for step, (rc, out, err) in zip(steps, raw)]
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(env["XTABLES_LOCKFILE"])
-        except OSError:
-            pass
     raise ScratchError(
         "cannot create a throwaway network namespace to validate the objects before applying them ("
         + "; ".join(errors)

@@ -8,7 +8,7 @@ DOCUMENTATION = r"""
 module: ztmesh_ca
 short_description: Create or validate the ztmesh CA, sign workload CSRs and build the trust bundle
 description:
-  - Run on the Ansible controller (C(delegate_to: localhost), C(run_once)) where the CA material lives.
+  - Run on the Ansible controller (C(delegate_to=localhost), C(run_once)) where the CA material lives.
   - The CA directory is in Istio's plug-in layout (C(ca-cert.pem), C(ca-key.pem), C(root-cert.pem),
     C(cert-chain.pem)). With O(create=true) and no CA there, the module creates a root CA and a signing
     intermediate (keys 0600, directory 0700; the root key is kept as C(root-key.pem)). With
@@ -16,7 +16,7 @@ description:
     so that VMs get certificates its ztunnel and Envoy accept.
   - The CA is validated on every run; a key that does not belong to its certificate, a certificate that is
     not a CA, an expired CA or a chain that does not lead to C(root-cert.pem) fails the task with the reason.
-  - O(sign) signs CSRs made on the nodes by M(ztmesh_cert). Signing changes nothing on the controller, so
+  - O(sign) signs CSRs made on the nodes by C(ztmesh_cert). Signing changes nothing on the controller, so
     it does not report a change; the nodes report theirs when they install the certificates.
 version_added: "0.1.0"
 author:
@@ -59,7 +59,7 @@ options:
         type: str
         required: true
       csr:
-        description: PEM CSR from M(ztmesh_cert).
+        description: PEM CSR from C(ztmesh_cert).
         type: str
   cert_ttl:
     description: Lifetime of signed certificates, in seconds (capped by the CA's own expiry).
@@ -114,23 +114,31 @@ certificates:
   elements: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_identity import (
-    CaError,
-    IdentityError,
-    SpiffeId,
-    ca_exists,
-    cert_pem,
-    certs_pem,
-    check_trust_domain,
-    create_ca,
-    is_self_signed,
-    load_ca,
-    load_cert_file,
-    not_after,
-    serial_hex,
-    sign_csr,
-)
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+try:
+    from ansible.module_utils.ztmesh_identity import (
+        CaError,
+        IdentityError,
+        SpiffeId,
+        ca_exists,
+        cert_pem,
+        certs_pem,
+        check_trust_domain,
+        create_ca,
+        is_self_signed,
+        load_ca,
+        load_cert_file,
+        not_after,
+        serial_hex,
+        sign_csr,
+    )
+except ImportError:  # cryptography is missing on this host: main() says so
+    IDENTITY_IMPORT_ERROR = traceback.format_exc()
+else:
+    IDENTITY_IMPORT_ERROR = None
 
 
 def trust_bundle(ca, extra_paths):
@@ -163,6 +171,8 @@ def main() -> None:
         ),
         supports_check_mode=True,
     )
+    if IDENTITY_IMPORT_ERROR:
+        module.fail_json(msg=missing_required_lib("cryptography"), exception=IDENTITY_IMPORT_ERROR)
     params = module.params
     ca_dir = params["ca_dir"]
     result = {"changed": False, "created": False, "certificates": []}

@@ -11,8 +11,8 @@ description:
   - Manages C(<certs_dir>/<namespace>/<service-account>/key.pem) and C(cert-chain.pem), the files ztproxy
     loads for one SPIFFE identity, and the trust bundle file.
   - The private key (ECDSA P-256) is generated on the node and never leaves it; the module returns only a
-    CSR. Enrollment is two calls around a signing step on the controller (M(ztmesh_ca) with
-    C(delegate_to: localhost), or C(ztproxy ca sign)).
+    CSR. Enrollment is two calls around a signing step on the controller (C(ztmesh_ca) with
+    C(delegate_to=localhost), or C(ztproxy ca sign)).
   - O(state=csr) decides whether a certificate is needed (missing, for another identity, not matching the
     key, expired, less than O(renew_threshold) of its lifetime left, not issued by O(expected_issuer), or
     O(force)). When one is needed it creates a pending key (C(key.pem.pending), mode 0600) if none exists
@@ -92,9 +92,9 @@ options:
     description: Group of the files and directories.
     type: str
 notes:
-  - Check mode generates no key, so O(state=csr) returns RV(csr=null) with RV(changed=true) when a
+  - Check mode generates no key, so O(state=csr) returns C(csr=null) with C(changed=true) when a
     certificate is needed.
-  - No secret ever passes through Ansible: the key stays on the node and the CA key on the controller.
+  - No secret ever passes through Ansible; the key stays on the node and the CA key on the controller.
 """
 
 EXAMPLES = r"""
@@ -157,38 +157,45 @@ trust_roots:
 import grp
 import os
 import pwd
+import traceback
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_identity import (
-    CERT_MODE,
-    CHAIN_FILE,
-    KEY_FILE,
-    KEY_MODE,
-    IdentityError,
-    SpiffeId,
-    cert_pem,
-    certs_pem,
-    generate_key,
-    identity_dir,
-    identity_of,
-    is_ca,
-    is_self_signed,
-    key_matches_cert,
-    key_pem,
-    load_cert_file,
-    load_certs,
-    load_key,
-    load_key_file,
-    make_csr,
-    node_identity,
-    serial_hex,
-    signed_by,
-    summarize,
-    verify_chain,
-    write_file,
-)
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-PENDING_KEY = KEY_FILE + ".pending"
+try:
+    from ansible.module_utils.ztmesh_identity import (
+        CERT_MODE,
+        CHAIN_FILE,
+        KEY_FILE,
+        KEY_MODE,
+        IdentityError,
+        SpiffeId,
+        cert_pem,
+        certs_pem,
+        generate_key,
+        identity_dir,
+        identity_of,
+        is_ca,
+        is_self_signed,
+        key_matches_cert,
+        key_pem,
+        load_cert_file,
+        load_certs,
+        load_key,
+        load_key_file,
+        make_csr,
+        node_identity,
+        serial_hex,
+        signed_by,
+        summarize,
+        verify_chain,
+        write_file,
+    )
+except ImportError:  # cryptography is missing on this host: main() says so
+    IDENTITY_IMPORT_ERROR = traceback.format_exc()
+else:
+    IDENTITY_IMPORT_ERROR = None
+
+PENDING_KEY = "key.pem.pending"  # next to key.pem until its certificate is installed
 
 
 def _identity(params) -> SpiffeId | None:
@@ -450,6 +457,8 @@ def main() -> None:
             ("identity", "service_account", "node_name"),
         ],
     )
+    if IDENTITY_IMPORT_ERROR:
+        module.fail_json(msg=missing_required_lib("cryptography"), exception=IDENTITY_IMPORT_ERROR)
     params = module.params
     params["trust_bundle"] = params["trust_bundle"] or os.path.join(params["certs_dir"], "root-cert.pem")
     result = {"changed": False, "certificate": None}

@@ -191,7 +191,13 @@ def run(params: dict, check_mode: bool) -> dict:
     before = state_dict(live)
     if params["state"] == "absent":
         if live is None:
-            return {"changed": False, "members": [], "added": [], "removed": [], "diff": {"before": {}, "after": {}}}
+            return {
+                "changed": False,
+                "members": [],
+                "added": [],
+                "removed": [],
+                "diff": {"before": {}, "after": {}},
+            }
         if refs:
             raise IpsetError(
                 f"set {spec.name} is in use by {refs} kernel object(s) (iptables rules or list:set sets) and "
@@ -200,8 +206,13 @@ def run(params: dict, check_mode: bool) -> dict:
         if not check_mode:
             apply_batch([f"destroy {spec.name}"], None)
         removed = sorted_members(live.members)
-        return {"changed": True, "members": [], "added": [], "removed": removed,
-                "diff": {"before": before, "after": {}}}
+        return {
+            "changed": True,
+            "members": [],
+            "added": [],
+            "removed": removed,
+            "diff": {"before": before, "after": {}},
+        }
 
     members = list(spec.members)
     if live is not None and params["members_mode"] == "merge":
@@ -213,8 +224,13 @@ def run(params: dict, check_mode: bool) -> dict:
     if plan.lines and not check_mode:
         apply_batch(plan.lines, plan.temp_name, exist=plan.temp_name is None)
     after = state_dict(plan.after)
-    return {"changed": bool(plan.lines), "members": sorted_members(plan.after.members), "added": plan.added,
-            "removed": plan.removed, "diff": {"before": before, "after": after}}
+    return {
+        "changed": bool(plan.lines),
+        "members": sorted_members(plan.after.members),
+        "added": plan.added,
+        "removed": plan.removed,
+        "diff": {"before": before, "after": after},
+    }
 
 
 def main() -> None:

@@ -115,9 +115,13 @@ backend:
   description: iptables backend written to (legacy or nft) and why it was chosen.
   returned: always
   type: dict
-  sample: {"backend": "nft", "version": "1.8.9", "reason": "no rules in either backend; iptables 1.8.9 defaults to nft"}
+  sample:
+    backend: nft
+    version: 1.8.9
+    reason: "no rules in either backend; iptables 1.8.9 defaults to nft"
 chains:
-  description: Owned chains after the run, with their rules as iptables-save prints them (without C(-A CHAIN)).
+  description: >-
+    Owned chains after the run, with their rules as iptables-save prints them (without C(-A CHAIN)).
   returned: always
   type: list
   elements: dict
@@ -222,8 +226,14 @@ def set_create_lines(set_names) -> list:
 
 
 def chains_result(specs, after) -> list:
-    return [{"name": s.name, "jump_from": s.jump_from,
-             "rules": [line.split(" ", 2)[2] for line in after.get(s.name, [])]} for s in specs]
+    return [
+        {
+            "name": s.name,
+            "jump_from": s.jump_from,
+            "rules": [line.split(" ", 2)[2] for line in after.get(s.name, [])],
+        }
+        for s in specs
+    ]
 
 
 def run(params: dict, check_mode: bool) -> dict:
@@ -241,8 +251,9 @@ def run(params: dict, check_mode: bool) -> dict:
         refuse_mixing(chosen, table, names)
         foreign = [c for c in live.chains if c not in names and c not in BUILTIN_CHAINS[table]]
         sets = referenced_sets(specs)
-        desired = canonical_dump(table, specs, tag, foreign, chosen.restore, chosen.save,
-                                 which("ipset"), set_create_lines(sets))
+        desired = canonical_dump(
+            table, specs, tag, foreign, chosen.restore, chosen.save, which("ipset"), set_create_lines(sets)
+        )
         plan = plan_present(table, specs, tag, live, desired)
 
     if plan.lines and not check_mode:

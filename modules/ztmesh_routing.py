@@ -166,7 +166,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 rules:
-  description: Owned rules after the run (and the local rule when O(local_rule_priority) is set), as C(ip rule) prints them.
+  description: >-
+    Owned rules after the run (and the local rule when O(local_rule_priority) is set), as C(ip rule)
+    prints them.
   returned: always
   type: list
   elements: str
@@ -236,6 +238,9 @@ def argument_spec() -> dict:
     return spec
 
 
+MAX_PASSES = 3
+
+
 def run(params: dict, check_mode: bool) -> dict:
     spec = spec_from_params(params)
     present = params["state"] == "present"
@@ -245,9 +250,17 @@ def run(params: dict, check_mode: bool) -> dict:
             check_devices_and_gateways(spec, links, addrs, routes)
         plan = plan_routing(spec, rules, routes, present)
         if plan.steps and not check_mode:
-            apply_steps(ipr, plan.steps, links)
-            rules, routes, links, _addrs = read_state(ipr)
-            leftover = plan_routing(spec, rules, routes, present).steps
+            # The kernel deletes the first rule matching the attributes given, treating absent ones as
+            # wildcards: deleting a stray "103: lookup 100" can hit a wanted "103: fwmark ... lookup 100"
+            # listed before it. Re-planning from what the kernel reads back converges (the wanted rule
+            # is re-added after the stray, which the next delete then hits): at most a few passes.
+            leftover = plan.steps
+            for _attempt in range(MAX_PASSES):
+                apply_steps(ipr, leftover, links)
+                rules, routes, links, _addrs = read_state(ipr)
+                leftover = plan_routing(spec, rules, routes, present).steps
+                if not leftover:
+                    break
             if leftover:
                 raise RoutingError(
                     "the changes were applied but the kernel does not read back as planned; still to do: "

@@ -192,6 +192,15 @@ def client_tls_context(leaf: Optional[Leaf], bundle: Path, tmp: Path,
     return ctx
 
 
+class _GoawayTolerantStateMachine(h2.connection.H2ConnectionStateMachine):
+    """h2 closes the whole connection on GOAWAY; RFC 9113 lets open streams finish, which the drain
+    tests need to observe."""
+
+    _transitions = dict(h2.connection.H2ConnectionStateMachine._transitions)
+    _transitions[(h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionInputs.RECV_GOAWAY)] = \
+        (None, h2.connection.ConnectionState.CLIENT_OPEN)
+
+
 class H2TunnelClient:
     """One TLS connection, HTTP/2 CONNECT streams, driven synchronously by the test."""
 
@@ -200,6 +209,7 @@ class H2TunnelClient:
         self.sock = ctx.wrap_socket(raw, server_hostname=None)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                           header_encoding="utf-8"))
+        self.conn.state_machine = _GoawayTolerantStateMachine()
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(16 << 20)
         self._send()

@@ -79,13 +79,17 @@ class H2Session(asyncio.Protocol):
             transport.abort()
             return
         self._started = True
-        self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
+        self.conn.initiate_connection()
+        # A second SETTINGS frame, as h2 intends: each value takes effect on our side only once the
+        # peer acknowledges it, so both ends always agree on frame size and windows.
+        settings = {
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.limits.max_frame_size,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.limits.stream_window,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-        })
-        self.conn.initiate_connection()
+        }
+        if self.client_side:
+            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        self.conn.update_settings(settings)
         extra = self.limits.connection_window - self.conn.inbound_flow_control_window
         if extra > 0:
             self.conn.increment_flow_control_window(extra)

@@ -61,7 +61,9 @@ def test_exact_lifecycle_with_drift_and_check_mode(netns, sh) -> None:
     result = ipset(netns, check=True, members=["10.0.0.1", "10.0.0.2"])
     assert result["changed"] is True and ipset_save(sh, netns) == drifted
     result = ipset(netns, members=["10.0.0.1", "10.0.0.2"])
-    assert result["changed"] is True and result["added"] == ["10.0.0.1"] and result["removed"] == ["10.0.0.77"]
+    assert (
+        result["changed"] is True and result["added"] == ["10.0.0.1"] and result["removed"] == ["10.0.0.77"]
+    )
     assert ipset_save(sh, netns) == created
     assert "foreign" in sh("ipset", "list", "-n", netns=netns).stdout
 
@@ -72,8 +74,23 @@ def test_exact_lifecycle_with_drift_and_check_mode(netns, sh) -> None:
 
 def test_swap_keeps_iptables_references_working(netns, sh) -> None:
     assert ipset(netns, members=["10.0.0.1"])["changed"] is True
-    sh("iptables-nft", "-t", "mangle", "-A", "PREROUTING", "-m", "set", "--match-set", NAME, "src",
-       "-j", "MARK", "--set-mark", "0x100", netns=netns)
+    sh(
+        "iptables-nft",
+        "-t",
+        "mangle",
+        "-A",
+        "PREROUTING",
+        "-m",
+        "set",
+        "--match-set",
+        NAME,
+        "src",
+        "-j",
+        "MARK",
+        "--set-mark",
+        "0x100",
+        netns=netns,
+    )
     assert references(sh, netns) == 1
     # Members and options both change while iptables uses the set: done with a swap, reference intact.
     result = ipset(netns, members=["10.0.0.2", "10.0.0.3"], options={"maxelem": 1000, "comment": "ztmesh"})
@@ -82,8 +99,12 @@ def test_swap_keeps_iptables_references_working(netns, sh) -> None:
     assert "maxelem 1000" in save and 'add ztunnel-pods-ips 10.0.0.2 comment "ztmesh"' in save
     assert references(sh, netns) == 1
     assert not [n for n in sh("ipset", "list", "-n", netns=netns).stdout.split() if n.endswith("-ztmp")]
-    assert ipset(netns, members=["10.0.0.2", "10.0.0.3"], options={"maxelem": 1000, "comment": "ztmesh"})[
-        "changed"] is False
+    assert (
+        ipset(netns, members=["10.0.0.2", "10.0.0.3"], options={"maxelem": 1000, "comment": "ztmesh"})[
+            "changed"
+        ]
+        is False
+    )
 
     # A type change cannot be swapped; while iptables uses the set it is refused with advice.
     before = ipset_save(sh, netns)

@@ -20,52 +20,80 @@ pytestmark = pytest.mark.timeout(300)
 PROXY = "10.99.0.2"
 HOST = "10.99.0.1"
 MANGLE = [
-    {"name": "ztunnel-PREROUTING", "jump_from": "PREROUTING", "rules": [
-        "-i istioin -j MARK --set-mark 0x200/0x200",
-        "-i istioin -j RETURN",
-        "-i istioout -j MARK --set-mark 0x200/0x200",
-        "-i istioout -j RETURN",
-        "-p udp --dport 6081 -j RETURN",
-        "-m connmark --mark 0x220/0x220 -j MARK --set-mark 0x200/0x200",
-        "-m mark --mark 0x200/0x200 -j RETURN",
-        "! -i ztproxy0 -m connmark --mark 0x210/0x210 -j MARK --set-mark 0x40/0x40",
-        "-m mark --mark 0x40/0x40 -j RETURN",
-        f"-i ztproxy0 ! -s {PROXY} -j MARK --set-mark 0x210/0x210",
-        "-m mark --mark 0x200/0x200 -j RETURN",
-        "-i ztproxy0 -j MARK --set-mark 0x220/0x220",
-        "-p udp -j MARK --set-mark 0x220/0x220",
-        "-m mark --mark 0x200/0x200 -j RETURN",
-        "-p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-mark 0x100/0x100",
-    ]},
-    {"name": "ztunnel-FORWARD", "jump_from": "FORWARD", "rules": [
-        "-m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220",
-        "-m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210",
-    ]},
-    {"name": "ztunnel-INPUT", "jump_from": "INPUT", "rules": [
-        "-m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220",
-        "-m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210",
-    ]},
-    {"name": "ztunnel-OUTPUT", "jump_from": "OUTPUT", "rules": [
-        f"--source {HOST} -j MARK --set-mark 0x220/0xffffffff",
-        "-p tcp -m owner ! --uid-owner 0 -m comment --comment 'host workload \"outbound\"' "
-        "-j MARK --set-mark 0x100/0x100",
-    ]},
+    {
+        "name": "ztunnel-PREROUTING",
+        "jump_from": "PREROUTING",
+        "rules": [
+            "-i istioin -j MARK --set-mark 0x200/0x200",
+            "-i istioin -j RETURN",
+            "-i istioout -j MARK --set-mark 0x200/0x200",
+            "-i istioout -j RETURN",
+            "-p udp --dport 6081 -j RETURN",
+            "-m connmark --mark 0x220/0x220 -j MARK --set-mark 0x200/0x200",
+            "-m mark --mark 0x200/0x200 -j RETURN",
+            "! -i ztproxy0 -m connmark --mark 0x210/0x210 -j MARK --set-mark 0x40/0x40",
+            "-m mark --mark 0x40/0x40 -j RETURN",
+            f"-i ztproxy0 ! -s {PROXY} -j MARK --set-mark 0x210/0x210",
+            "-m mark --mark 0x200/0x200 -j RETURN",
+            "-i ztproxy0 -j MARK --set-mark 0x220/0x220",
+            "-p udp -j MARK --set-mark 0x220/0x220",
+            "-m mark --mark 0x200/0x200 -j RETURN",
+            "-p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-mark 0x100/0x100",
+        ],
+    },
+    {
+        "name": "ztunnel-FORWARD",
+        "jump_from": "FORWARD",
+        "rules": [
+            "-m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220",
+            "-m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210",
+        ],
+    },
+    {
+        "name": "ztunnel-INPUT",
+        "jump_from": "INPUT",
+        "rules": [
+            "-m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220",
+            "-m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210",
+        ],
+    },
+    {
+        "name": "ztunnel-OUTPUT",
+        "jump_from": "OUTPUT",
+        "rules": [
+            f"--source {HOST} -j MARK --set-mark 0x220/0xffffffff",
+            "-p tcp -m owner ! --uid-owner 0 -m comment --comment 'host workload \"outbound\"' "
+            "-j MARK --set-mark 0x100/0x100",
+        ],
+    },
     {"name": "ztunnel-POSTROUTING", "jump_from": "POSTROUTING", "rules": []},
 ]
 NAT = [
-    {"name": "ztunnel-PREROUTING", "jump_from": "PREROUTING", "rules": ["-m mark --mark 0x100/0x100 -j ACCEPT"]},
-    {"name": "ztunnel-POSTROUTING", "jump_from": "POSTROUTING", "rules": [
-        "-m mark --mark 0x100/0x100 -j ACCEPT",
-        f"-s {PROXY}/32 -p tcp --dport 15008 -j SNAT --to-source {HOST}",
-    ]},
+    {
+        "name": "ztunnel-PREROUTING",
+        "jump_from": "PREROUTING",
+        "rules": ["-m mark --mark 0x100/0x100 -j ACCEPT"],
+    },
+    {
+        "name": "ztunnel-POSTROUTING",
+        "jump_from": "POSTROUTING",
+        "rules": [
+            "-m mark --mark 0x100/0x100 -j ACCEPT",
+            f"-s {PROXY}/32 -p tcp --dport 15008 -j SNAT --to-source {HOST}",
+        ],
+    },
 ]
 PROXY_MANGLE = [
-    {"name": "ztunnel-PREROUTING", "jump_from": "PREROUTING", "rules": [
-        "-i pistioin -p tcp --dport 15008 -j TPROXY --on-port 15008 --tproxy-mark 0x400/0xfff",
-        "-i pistioout -p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x400/0xfff",
-        "-i pistioin -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x400/0xfff",
-        f"-i eth0 -p tcp ! -d {PROXY} -j MARK --set-mark 0x4d3/0xfff",
-    ]},
+    {
+        "name": "ztunnel-PREROUTING",
+        "jump_from": "PREROUTING",
+        "rules": [
+            "-i pistioin -p tcp --dport 15008 -j TPROXY --on-port 15008 --tproxy-mark 0x400/0xfff",
+            "-i pistioout -p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x400/0xfff",
+            "-i pistioin -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x400/0xfff",
+            f"-i eth0 -p tcp ! -d {PROXY} -j MARK --set-mark 0x4d3/0xfff",
+        ],
+    },
 ]
 FOREIGN = [
     "-t mangle -N FOREIGN",
@@ -119,8 +147,9 @@ def test_design_chains_lifecycle(netns, sh, backend) -> None:
     assert foreign_lines(created) == foreign_lines(pristine)
     for table in ("mangle", "nat"):
         rules = sh(f"iptables-{backend}", "-t", table, "-S", "PREROUTING", netns=netns).stdout.splitlines()
-        assert rules[1] == ('-A PREROUTING -m comment --comment "ztmesh: jump to ztunnel-PREROUTING" '
-                            "-j ztunnel-PREROUTING"), rules
+        assert rules[1] == (
+            '-A PREROUTING -m comment --comment "ztmesh: jump to ztunnel-PREROUTING" -j ztunnel-PREROUTING'
+        ), rules
     assert "--match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100" in created
     assert 'host workload \\"outbound\\"' in created
 
@@ -159,8 +188,10 @@ def test_proxy_namespace_tproxy_rules(netns, sh) -> None:
     result = apply(netns, "mangle", PROXY_MANGLE, backend)
     assert result["changed"] is True, result
     dump = save(sh, netns, backend)
-    assert ("-i pistioin -p tcp -m comment --comment ztmesh -m tcp --dport 15008 -j TPROXY --on-port 15008 "
-            "--on-ip 0.0.0.0 --tproxy-mark 0x400/0xfff") in dump
+    assert (
+        "-i pistioin -p tcp -m comment --comment ztmesh -m tcp --dport 15008 -j TPROXY --on-port 15008 "
+        "--on-ip 0.0.0.0 --tproxy-mark 0x400/0xfff"
+    ) in dump
     assert result["chains"][0]["rules"][0].startswith("-i pistioin -p tcp -m comment --comment ztmesh")
     assert apply(netns, "mangle", PROXY_MANGLE, backend)["changed"] is False
     assert save(sh, netns, backend) == dump
@@ -168,7 +199,20 @@ def test_proxy_namespace_tproxy_rules(netns, sh) -> None:
 
 def test_auto_backend_follows_the_host(netns, sh) -> None:
     # Rules already live in legacy: auto must write there too, never into nft.
-    sh("iptables-legacy", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT", netns=netns)
+    sh(
+        "iptables-legacy",
+        "-t",
+        "filter",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "22",
+        "-j",
+        "ACCEPT",
+        netns=netns,
+    )
     result = run_module("ztmesh_iptables", {"netns": netns, "table": "nat", "chains": NAT[:1]})
     assert result["changed"] is True and result["backend"]["backend"] == "legacy", result
     assert "ztunnel-PREROUTING" in save(sh, netns, "legacy")
@@ -184,11 +228,19 @@ def test_invalid_rule_is_reported_and_changes_nothing(netns, sh) -> None:
     prepare(sh, netns, backend)
     assert apply(netns, "nat", NAT, backend)["changed"] is True
     before = save(sh, netns, backend)
-    bad = [NAT[0], {"name": "ztunnel-POSTROUTING", "jump_from": "POSTROUTING",
-                    "rules": ["-j ACCEPT", "-m mark --mark 0x100/0x100 -j MARK --set-mork 0x1/0x1"]}]
+    bad = [
+        NAT[0],
+        {
+            "name": "ztunnel-POSTROUTING",
+            "jump_from": "POSTROUTING",
+            "rules": ["-j ACCEPT", "-m mark --mark 0x100/0x100 -j MARK --set-mork 0x1/0x1"],
+        },
+    ]
     result = apply(netns, "nat", bad, backend)
     assert result.get("failed"), result
-    assert "chain ztunnel-POSTROUTING rule 2" in result["msg"] and "--set-mork" in result["msg"], result["msg"]
+    assert "chain ztunnel-POSTROUTING rule 2" in result["msg"] and "--set-mork" in result["msg"], result[
+        "msg"
+    ]
     assert "nothing was changed" in result["msg"]
     assert save(sh, netns, backend) == before
     # A rule matching a set that does not exist: told to create the set first.
@@ -205,3 +257,24 @@ def test_absent_refuses_while_a_foreign_rule_references_the_chain(netns, sh) -> 
     result = apply(netns, "nat", NAT, backend, extra={"state": "absent"})
     assert result.get("failed") and "-A OUTPUT -j ztunnel-PREROUTING" in result["msg"], result
     assert save(sh, netns, backend) == before
+
+
+def test_ip6tables(netns, sh) -> None:
+    chains = [
+        {
+            "name": "ztunnel-PREROUTING",
+            "jump_from": "PREROUTING",
+            "rules": ["-s fd00::1 -p tcp --dport 80 -j MARK --set-mark 0x1/0x1"],
+        }
+    ]
+    args = {"netns": netns, "table": "mangle", "ip_version": 6, "chains": chains, "backend": "nft"}
+    ip4_before = save(sh, netns, "nft")
+    result = run_module("ztmesh_iptables", args)
+    assert result["changed"] is True, result
+    assert result["chains"][0]["rules"] == [
+        "-s fd00::1/128 -p tcp -m comment --comment ztmesh -m tcp --dport 80 -j MARK --set-xmark 0x1/0x1"
+    ]
+    assert run_module("ztmesh_iptables", args)["changed"] is False
+    assert save(sh, netns, "nft") == ip4_before  # IPv4 untouched
+    assert run_module("ztmesh_iptables", dict(args, state="absent"))["changed"] is True
+    assert "ztunnel" not in sh("ip6tables-nft-save", netns=netns).stdout

@@ -31,15 +31,19 @@ ROUTES = [
 
 def node(sh, ns: str) -> None:
     """The node-side links of DESIGN 2.1 (veth to the proxy, a stand-in for istioout)."""
-    for cmd in ("ip link add ztproxy0 type veth peer name zp-peer",
-                "ip link add istioout type veth peer name io-peer",
-                "ip addr add 10.99.0.1/30 dev ztproxy0",
-                "ip addr add 192.168.127.1/30 dev istioout",
-                "ip link set ztproxy0 up", "ip link set zp-peer up",
-                "ip link set istioout up", "ip link set io-peer up",
-                # Foreign state that must survive: a rule outside the owned range, a route in main.
-                "ip rule add priority 500 fwmark 0x7/0x7 lookup 77",
-                "ip route add 10.77.0.0/16 via 10.99.0.2 dev ztproxy0"):
+    for cmd in (
+        "ip link add ztproxy0 type veth peer name zp-peer",
+        "ip link add istioout type veth peer name io-peer",
+        "ip addr add 10.99.0.1/30 dev ztproxy0",
+        "ip addr add 192.168.127.1/30 dev istioout",
+        "ip link set ztproxy0 up",
+        "ip link set zp-peer up",
+        "ip link set istioout up",
+        "ip link set io-peer up",
+        # Foreign state that must survive: a rule outside the owned range, a route in main.
+        "ip rule add priority 500 fwmark 0x7/0x7 lookup 77",
+        "ip route add 10.77.0.0/16 via 10.99.0.2 dev ztproxy0",
+    ):
         sh(*cmd.split(), netns=ns)
 
 
@@ -117,13 +121,19 @@ def test_design_rules_and_routes_lifecycle(netns, sh) -> None:
 
 
 def test_proxy_namespace_local_route(netns, sh) -> None:
-    args = {"rules": [{"priority": 20000, "fwmark": "0x400", "fwmask": "0xfff", "table": 100},
-                      {"priority": 20003, "fwmark": "0x4d3", "fwmask": "0xfff", "table": 100}],
-            "routes": [{"table": 100, "dst": "default", "type": "local", "dev": "lo"}]}
+    args = {
+        "rules": [
+            {"priority": 20000, "fwmark": "0x400", "fwmask": "0xfff", "table": 100},
+            {"priority": 20003, "fwmark": "0x4d3", "fwmask": "0xfff", "table": 100},
+        ],
+        "routes": [{"table": 100, "dst": "default", "type": "local", "dev": "lo"}],
+    }
     result = routing(netns, **args)
     assert result["changed"] is True and result["routes"] == ["local 0.0.0.0/0 dev lo table 100"], result
-    assert "local default dev lo proto static scope host" in sh("ip", "route", "show", "table", "100",
-                                                                netns=netns).stdout
+    assert (
+        "local default dev lo proto static scope host"
+        in sh("ip", "route", "show", "table", "100", netns=netns).stdout
+    )
     assert "20003:\tfrom all fwmark 0x4d3/0xfff lookup 100" in sh("ip", "rule", netns=netns).stdout
     assert routing(netns, **args)["changed"] is False
 
@@ -144,18 +154,53 @@ def test_local_rule_moves_and_comes_back(netns, sh) -> None:
     local_tcp_roundtrip(sh, netns, "10.99.0.1")
 
 
-@pytest.mark.parametrize("args, message", [
-    ({"routes": [{"table": 101, "dst": "default", "gateway": "10.99.0.2", "dev": "nosuchdev0"}], "rules": RULES},
-     "device 'nosuchdev0' does not exist"),
-    ({"routes": [{"table": 101, "dst": "default", "gateway": "10.50.0.1", "dev": "ztproxy0"}], "rules": RULES},
-     "gateway 10.50.0.1 is not directly reachable through ztproxy0"),
-    ({"rules": RULES + [{"priority": 104, "fwmark": "0x1", "table": 5}]}, "fwmark and fwmask go together"),
-    ({"routes": [{"table": 101, "dst": "default", "gateway": "192.168.127.3", "dev": "istioout"}]},
-     "broadcast address of 192.168.127.0/30"),
-    ({"routes": [{"table": 101, "dst": "default", "gateway": "10.99.0.1", "dev": "ztproxy0"}]},
-     "address of this host"),
-    ({"rules": RULES, "tables": ["main"]}, "cannot be owned"),
-])
+def test_less_specific_stray_rule_at_a_wanted_priority(netns, sh) -> None:
+    # The kernel deletes the first rule matching the attributes given (absent ones are wildcards), so
+    # deleting "103: lookup 100" first hits the wanted "103: fwmark 0x5/0x5 lookup 100" listed above it.
+    sh("ip", "rule", "add", "priority", "103", "fwmark", "0x5/0x5", "lookup", "100", netns=netns)
+    sh("ip", "rule", "add", "priority", "103", "lookup", "100", netns=netns)
+    wanted = [{"priority": 103, "fwmark": 5, "fwmask": 5, "table": 100}]
+    result = routing(netns, rules=wanted)
+    assert result["changed"] is True and result["rules"] == ["103: from all fwmark 0x5/0x5 lookup 100"], (
+        result
+    )
+    rules = [line for line in sh("ip", "rule", netns=netns).stdout.splitlines() if line.startswith("103:")]
+    assert rules == ["103:\tfrom all fwmark 0x5/0x5 lookup 100"]
+    assert routing(netns, rules=wanted)["changed"] is False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            {
+                "routes": [{"table": 101, "dst": "default", "gateway": "10.99.0.2", "dev": "nosuchdev0"}],
+                "rules": RULES,
+            },
+            "device 'nosuchdev0' does not exist",
+        ),
+        (
+            {
+                "routes": [{"table": 101, "dst": "default", "gateway": "10.50.0.1", "dev": "ztproxy0"}],
+                "rules": RULES,
+            },
+            "gateway 10.50.0.1 is not directly reachable through ztproxy0",
+        ),
+        (
+            {"rules": RULES + [{"priority": 104, "fwmark": "0x1", "table": 5}]},
+            "fwmark and fwmask go together",
+        ),
+        (
+            {"routes": [{"table": 101, "dst": "default", "gateway": "192.168.127.3", "dev": "istioout"}]},
+            "broadcast address of 192.168.127.0/30",
+        ),
+        (
+            {"routes": [{"table": 101, "dst": "default", "gateway": "10.99.0.1", "dev": "ztproxy0"}]},
+            "address of this host",
+        ),
+        ({"rules": RULES, "tables": ["main"]}, "cannot be owned"),
+    ],
+)
 def test_bad_input_changes_nothing(netns, sh, args, message) -> None:
     node(sh, netns)
     before = snapshot(sh, netns)

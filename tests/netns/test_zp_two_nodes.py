@@ -21,6 +21,7 @@ import pytest
 from pki import CA
 from zp_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env
 
+SIZE = int(os.environ.get("ZP_TRANSFER_BYTES", 1 << 30))  # 1 GiB; smaller for quick local runs
 MARKER = "ZTMESH-PLAINTEXT-MARKER-7f3a9c"
 SERVICE_VIP = "10.96.0.10"
 
@@ -85,6 +86,14 @@ class Mesh:
 
     def log(self, node: str) -> str:
         return self.logs[node].read_text(errors="replace")
+
+    def sh(self, *argv: str, netns: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """sh() whose failure message carries both proxies' logs."""
+        try:
+            return sh(*argv, netns=netns, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- node-a ---\n{self.log('node-a')}\n--- node-b ---\n"
+                                 f"{self.log('node-b')}") from None
 
 
 def _mesh_state() -> Dict:
@@ -152,8 +161,8 @@ def test_http_through_hbone_shows_only_tls_on_the_wire(mesh: Mesh) -> None:
     server = _http_server(mesh, mesh.ns["wB"], "10.2.0.2", 8080, "wb")
     pcap = mesh.tmp / "wire.pcap"
     # -Z root: tcpdump would otherwise drop to its own user and could not write into tmp_path.
-    dump = subprocess.Popen(["ip", "netns", "exec", mesh.ns["nB"], "tcpdump", "-Z", "root", "--immediate-mode",
-                             "-i", "b-a", "-U", "-s", "0", "-w", str(pcap), "tcp"],
+    dump = subprocess.Popen(["ip", "netns", "exec", mesh.ns["nB"], "tcpdump", "-Z", "root",
+                             "--immediate-mode", "-i", "b-a", "-U", "-s", "0", "-w", str(pcap), "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert b"listening on" in dump.stderr.readline(), "tcpdump did not start"
@@ -241,14 +250,14 @@ def test_one_gib_arrives_byte_exact(mesh: Mesh) -> None:
                             stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout.readline().strip() == "listening"
-        result = sh("python3", "-c", _SOURCE, str(1 << 30), netns=mesh.ns["wA"], timeout=800)
+        result = mesh.sh("python3", "-c", _SOURCE, str(SIZE), netns=mesh.ns["wA"], timeout=800)
     finally:
         sink.kill()
         sink.wait(10)
     sent, digest, got_total, got_digest, seconds = result.stdout.split()
-    assert int(sent) == 1 << 30
-    assert (int(got_total), got_digest) == (1 << 30, digest), result.stdout
-    print(f"1 GiB through two ztproxies in {seconds}s ({(1 << 30) / float(seconds) / 1e6:.0f} MB/s)")
+    assert int(sent) == SIZE
+    assert (int(got_total), got_digest) == (SIZE, digest), result.stdout
+    print(f"{SIZE} bytes through two ztproxies in {seconds}s ({SIZE / float(seconds) / 1e6:.0f} MB/s)")
 
 
 def test_killed_remote_proxy_gives_the_client_an_error_not_a_hang(mesh: Mesh) -> None:
@@ -280,6 +289,7 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
 N = int(sys.argv[1])
 async def one(i, started):
     reader, writer = await asyncio.open_connection("10.2.0.2", 7001)
+    assert await reader.readexactly(3) == b"hi\n"   # the tunnel is up end to end
     started.append(i)
     while len(started) < N:      # hold every connection open until all are up
         await asyncio.sleep(0.05)
@@ -299,6 +309,7 @@ _ECHO = r"""
 import asyncio, resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
 async def handle(reader, writer):
+    writer.write(b"hi\n")
     data = await reader.read()
     writer.write(data); await writer.drain(); writer.close()
 async def main():
@@ -315,7 +326,7 @@ def test_thousand_concurrent_connections_share_a_pool(mesh: Mesh) -> None:
                             stdout=subprocess.PIPE, text=True)
     try:
         assert echo.stdout.readline().strip() == "listening"
-        result = sh("python3", "-c", _MANY, "1000", netns=mesh.ns["wA"], timeout=300)
+        result = mesh.sh("python3", "-c", _MANY, "1000", netns=mesh.ns["wA"], timeout=300)
     finally:
         echo.kill()
         echo.wait(10)
@@ -323,4 +334,4 @@ def test_thousand_concurrent_connections_share_a_pool(mesh: Mesh) -> None:
     # At most 100 streams per connection, pooled: node A opened 10 HBONE connections (they stay pooled
     # until the idle timeout), not one per client connection.
     established = sh("ss", "-Htn", "state", "established", "( dport = :15008 )", netns=mesh.ns["nA"]).stdout
-    assert len(established.splitlines()) == 10, established
+    assert len(established.splitlines()) == 10, established + mesh.log("node-a") + mesh.log("node-b")

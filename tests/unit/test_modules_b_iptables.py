@@ -50,8 +50,13 @@ DESIRED = """*mangle
 COMMIT
 """
 
-CHAIN = [{"name": "ztunnel-PREROUTING", "jump_from": "PREROUTING",
-          "rules": ["-i istioin -j MARK --set-mark 0x200/0x200"]}]
+CHAIN = [
+    {
+        "name": "ztunnel-PREROUTING",
+        "jump_from": "PREROUTING",
+        "rules": ["-i istioin -j MARK --set-mark 0x200/0x200"],
+    }
+]
 
 
 def test_parse_save_picks_the_table_and_keeps_order() -> None:
@@ -79,21 +84,25 @@ def test_render_requotes_shell_style_quotes_for_iptables_restore() -> None:
     line = ipt.render_rule("c", "-m comment --comment 'a \"b\" c' -j RETURN", "ztmesh")
     assert line == '-A c -m comment --comment "ztmesh" -m comment --comment "a \\"b\\" c" -j RETURN'
     assert ipt.render_jump("PREROUTING", "c", "ztmesh", insert=True) == (
-        '-I PREROUTING 1 -m comment --comment "ztmesh: jump to c" -j c')
+        '-I PREROUTING 1 -m comment --comment "ztmesh: jump to c" -j c'
+    )
 
 
-@pytest.mark.parametrize("chains, message", [
-    ([{"name": "PREROUTING"}], "built-in chain"),
-    ([{"name": "x" * 29}], "1..28"),
-    ([{"name": "-bad"}], "invalid"),
-    ([{"name": "a"}, {"name": "a"}], "listed twice"),
-    ([{"name": "a", "jump_from": "FORWARD"}], "not a built-in chain of the nat table"),
-    ([{"name": "a", "rules": ["-A a -j RETURN"]}], "without -A CHAIN"),
-    ([{"name": "a", "rules": ["-t mangle -j RETURN"]}], "-t TABLE"),
-    ([{"name": "a", "rules": ["-j RETURN\n-A PREROUTING -j DROP"]}], "newline"),
-    ([{"name": "a", "rules": ["-m comment --comment 'open"]}], "unbalanced quotes"),
-    ([{"name": "a", "rules": [""]}], "empty"),
-])
+@pytest.mark.parametrize(
+    "chains, message",
+    [
+        ([{"name": "PREROUTING"}], "built-in chain"),
+        ([{"name": "x" * 29}], "1..28"),
+        ([{"name": "-bad"}], "invalid"),
+        ([{"name": "a"}, {"name": "a"}], "listed twice"),
+        ([{"name": "a", "jump_from": "FORWARD"}], "not a built-in chain of the nat table"),
+        ([{"name": "a", "rules": ["-A a -j RETURN"]}], "without -A CHAIN"),
+        ([{"name": "a", "rules": ["-t mangle -j RETURN"]}], "-t TABLE"),
+        ([{"name": "a", "rules": ["-j RETURN\n-A PREROUTING -j DROP"]}], "newline"),
+        ([{"name": "a", "rules": ["-m comment --comment 'open"]}], "unbalanced quotes"),
+        ([{"name": "a", "rules": [""]}], "empty"),
+    ],
+)
 def test_validation_refuses_bad_specs(chains, message) -> None:
     with pytest.raises(ipt.IptablesError, match=message):
         ipt.validate_chains("nat", chains, "ztmesh")
@@ -107,14 +116,27 @@ def test_validation_refuses_bad_tags_and_tables() -> None:
 
 
 def test_referenced_sets() -> None:
-    specs = ipt.validate_chains("mangle", [{"name": "a", "rules": [
-        "-m set --match-set s1 src -j RETURN", "-j SET --add-set s2 src", "-m set ! --match-set s1 dst -j DROP"]}],
-        "ztmesh")
+    specs = ipt.validate_chains(
+        "mangle",
+        [
+            {
+                "name": "a",
+                "rules": [
+                    "-m set --match-set s1 src -j RETURN",
+                    "-j SET --add-set s2 src",
+                    "-m set ! --match-set s1 dst -j DROP",
+                ],
+            }
+        ],
+        "ztmesh",
+    )
     assert ipt.referenced_sets(specs) == ["s1", "s2"]
 
 
 def test_scratch_input_maps_lines_back_to_rules() -> None:
-    specs = ipt.validate_chains("mangle", CHAIN + [{"name": "b", "rules": ["-j RETURN", "-j FOREIGN"]}], "ztmesh")
+    specs = ipt.validate_chains(
+        "mangle", CHAIN + [{"name": "b", "rules": ["-j RETURN", "-j FOREIGN"]}], "ztmesh"
+    )
     scratch = ipt.scratch_input("mangle", specs, "ztmesh", ["FOREIGN"])
     lines = scratch.text.splitlines()
     assert lines[0] == "*mangle" and lines[-1] == "COMMIT"
@@ -128,7 +150,9 @@ def test_scratch_input_maps_lines_back_to_rules() -> None:
 
 def test_plan_present_moves_our_jump_to_the_top_and_leaves_foreign_rules_alone() -> None:
     specs = ipt.validate_chains("mangle", CHAIN, "ztmesh")
-    plan = ipt.plan_present("mangle", specs, "ztmesh", ipt.parse_save(LIVE, "mangle"), ipt.parse_save(DESIRED, "mangle"))
+    plan = ipt.plan_present(
+        "mangle", specs, "ztmesh", ipt.parse_save(LIVE, "mangle"), ipt.parse_save(DESIRED, "mangle")
+    )
     # The chain content is already right: not flushed. Only the jump moves above the foreign rule.
     assert plan.lines == [
         '-D PREROUTING -m comment --comment "ztmesh: jump to ztunnel-PREROUTING" -j ztunnel-PREROUTING',
@@ -145,10 +169,14 @@ def test_plan_present_is_empty_when_live_matches() -> None:
 
 def test_plan_present_flushes_and_refills_a_drifted_chain_and_removes_duplicate_jumps() -> None:
     live = DESIRED.replace("-A ztunnel-PREROUTING -i istioin", "-A ztunnel-PREROUTING -i other").replace(
-        "-A PREROUTING -m comment", '-A PREROUTING -m comment --comment "ztmesh: old" -j ztunnel-PREROUTING\n'
-        "-A PREROUTING -m comment", 1)
+        "-A PREROUTING -m comment",
+        '-A PREROUTING -m comment --comment "ztmesh: old" -j ztunnel-PREROUTING\n-A PREROUTING -m comment',
+        1,
+    )
     specs = ipt.validate_chains("mangle", CHAIN, "ztmesh")
-    plan = ipt.plan_present("mangle", specs, "ztmesh", ipt.parse_save(live, "mangle"), ipt.parse_save(DESIRED, "mangle"))
+    plan = ipt.plan_present(
+        "mangle", specs, "ztmesh", ipt.parse_save(live, "mangle"), ipt.parse_save(DESIRED, "mangle")
+    )
     assert plan.lines[0] == ":ztunnel-PREROUTING - [0:0]"
     assert plan.lines[1].startswith("-A ztunnel-PREROUTING -i istioin")
     assert sum(line.startswith("-D PREROUTING") for line in plan.lines) == 2
@@ -157,17 +185,26 @@ def test_plan_present_flushes_and_refills_a_drifted_chain_and_removes_duplicate_
 
 
 def test_plan_present_removes_a_jump_when_jump_from_is_dropped() -> None:
-    specs = ipt.validate_chains("mangle", [{"name": "ztunnel-PREROUTING", "rules": CHAIN[0]["rules"]}], "ztmesh")
-    desired = ipt.parse_save(DESIRED.replace(
-        '-A PREROUTING -m comment --comment "ztmesh: jump to ztunnel-PREROUTING" -j ztunnel-PREROUTING\n', ""),
-        "mangle")
+    specs = ipt.validate_chains(
+        "mangle", [{"name": "ztunnel-PREROUTING", "rules": CHAIN[0]["rules"]}], "ztmesh"
+    )
+    desired = ipt.parse_save(
+        DESIRED.replace(
+            '-A PREROUTING -m comment --comment "ztmesh: jump to ztunnel-PREROUTING" -j ztunnel-PREROUTING\n',
+            "",
+        ),
+        "mangle",
+    )
     plan = ipt.plan_present("mangle", specs, "ztmesh", ipt.parse_save(LIVE, "mangle"), desired)
-    assert plan.lines == ['-D PREROUTING -m comment --comment "ztmesh: jump to ztunnel-PREROUTING" '
-                          "-j ztunnel-PREROUTING"]
+    assert plan.lines == [
+        '-D PREROUTING -m comment --comment "ztmesh: jump to ztunnel-PREROUTING" -j ztunnel-PREROUTING'
+    ]
 
 
 def test_plan_absent_deletes_tagged_jumps_then_the_chain() -> None:
-    plan = ipt.plan_absent("mangle", ["ztunnel-PREROUTING", "never-existed"], "ztmesh", ipt.parse_save(LIVE, "mangle"))
+    plan = ipt.plan_absent(
+        "mangle", ["ztunnel-PREROUTING", "never-existed"], "ztmesh", ipt.parse_save(LIVE, "mangle")
+    )
     assert plan.lines == [
         ":ztunnel-PREROUTING - [0:0]",
         '-D PREROUTING -m comment --comment "ztmesh: jump to ztunnel-PREROUTING" -j ztunnel-PREROUTING',
@@ -190,7 +227,9 @@ def _load_module(name: str):
 
 
 def _compare_doc(doc_options: dict, arg_spec: dict, where: str) -> None:
-    assert set(doc_options) == set(arg_spec), f"{where}: documented {sorted(doc_options)} vs spec {sorted(arg_spec)}"
+    assert set(doc_options) == set(arg_spec), (
+        f"{where}: documented {sorted(doc_options)} vs spec {sorted(arg_spec)}"
+    )
     for name, spec in arg_spec.items():
         doc = doc_options[name]
         for key in ("type", "default", "choices", "required", "elements"):

@@ -38,20 +38,23 @@ def test_design_rules_parse_and_print_like_ip_rule() -> None:
     assert s.priority_range == (100, 103)
 
 
-@pytest.mark.parametrize("rules, message", [
-    ([{"priority": 100, "fwmark": "0x200", "table": 1}], "fwmark and fwmask go together"),
-    ([{"priority": 100, "fwmask": "0x200", "table": 1}], "fwmark and fwmask go together"),
-    ([{"priority": 100}], "exactly one of table"),
-    ([{"priority": 100, "table": 1, "goto": 200}], "exactly one of table"),
-    ([{"priority": 100, "goto": 50}], "later"),
-    ([{"priority": 0, "table": 1}], "default rules"),
-    ([{"priority": 100, "table": "mainn"}], "not a number or one of main"),
-    ([{"priority": 100, "table": 1, "from": "10.0.0.1/8"}], "host bits set; write 10.0.0.0/8"),
-    ([{"priority": 100, "table": 1, "to": "fd00::/8"}], "IPv4 only"),
-    ([{"priority": 100, "table": 1, "iif": "x" * 16}], "interface name"),
-    ([{"priority": 100, "fwmark": "zz", "fwmask": 1, "table": 1}], "not an integer"),
-    ([{"priority": 100, "table": 1}, {"priority": 100, "table": 1}], "listed twice"),
-])
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ([{"priority": 100, "fwmark": "0x200", "table": 1}], "fwmark and fwmask go together"),
+        ([{"priority": 100, "fwmask": "0x200", "table": 1}], "fwmark and fwmask go together"),
+        ([{"priority": 100}], "exactly one of table"),
+        ([{"priority": 100, "table": 1, "goto": 200}], "exactly one of table"),
+        ([{"priority": 100, "goto": 50}], "later"),
+        ([{"priority": 0, "table": 1}], "default rules"),
+        ([{"priority": 100, "table": "mainn"}], "not a number or one of main"),
+        ([{"priority": 100, "table": 1, "from": "10.0.0.1/8"}], "host bits set; write 10.0.0.0/8"),
+        ([{"priority": 100, "table": 1, "to": "fd00::/8"}], "IPv4 only"),
+        ([{"priority": 100, "table": 1, "iif": "x" * 16}], "interface name"),
+        ([{"priority": 100, "fwmark": "zz", "fwmask": 1, "table": 1}], "not an integer"),
+        ([{"priority": 100, "table": 1}, {"priority": 100, "table": 1}], "listed twice"),
+    ],
+)
 def test_rule_validation(rules, message) -> None:
     with pytest.raises(rt.RoutingError, match=message):
         spec(rules=rules)
@@ -68,35 +71,52 @@ def test_priority_range_validation() -> None:
         spec(local_rule_priority=32766)
 
 
-@pytest.mark.parametrize("routes, message", [
-    ([{"table": 100}], "needs dst"),
-    ([{"table": 100, "dst": "default"}], "give dev"),
-    ([{"table": 100, "dst": "default", "type": "local", "gateway": "10.0.0.1", "dev": "lo"}], "no gateway"),
-    ([{"table": 100, "dst": "default", "gateway": "10.0.0.1", "dev": "x", "scope": "link"}], "scope global"),
-    ([{"table": 100, "dst": "default", "gateway": "10.0.0.1", "onlink": True}], "onlink needs"),
-    ([{"table": 100, "dst": "10.0.0.1/24", "dev": "x"}], "host bits"),
-    ([{"table": 100, "dst": "default", "dev": "x"}, {"table": 100, "dst": "0.0.0.0/0", "dev": "y"}],
-     "share table, dst and metric"),
-])
+@pytest.mark.parametrize(
+    "routes, message",
+    [
+        ([{"table": 100}], "needs dst"),
+        ([{"table": 100, "dst": "default"}], "give dev"),
+        (
+            [{"table": 100, "dst": "default", "type": "local", "gateway": "10.0.0.1", "dev": "lo"}],
+            "no gateway",
+        ),
+        (
+            [{"table": 100, "dst": "default", "gateway": "10.0.0.1", "dev": "x", "scope": "link"}],
+            "scope global",
+        ),
+        ([{"table": 100, "dst": "default", "gateway": "10.0.0.1", "onlink": True}], "onlink needs"),
+        ([{"table": 100, "dst": "10.0.0.1/24", "dev": "x"}], "host bits"),
+        (
+            [{"table": 100, "dst": "default", "dev": "x"}, {"table": 100, "dst": "0.0.0.0/0", "dev": "y"}],
+            "share table, dst and metric",
+        ),
+    ],
+)
 def test_route_validation(routes, message) -> None:
     with pytest.raises(rt.RoutingError, match=message):
         spec(routes=routes)
 
 
 def test_tables_default_to_named_tables_but_never_main() -> None:
-    s = spec(routes=[{"table": "main", "dst": "default", "gateway": "10.0.0.1", "dev": "eth0"},
-                     {"table": 101, "dst": "default", "gateway": "10.0.0.1", "dev": "eth0"}])
+    s = spec(
+        routes=[
+            {"table": "main", "dst": "default", "gateway": "10.0.0.1", "dev": "eth0"},
+            {"table": 101, "dst": "default", "gateway": "10.0.0.1", "dev": "eth0"},
+        ]
+    )
     assert s.tables == [101]
     with pytest.raises(rt.RoutingError, match="cannot be owned"):
         spec(tables=["main"])
 
 
 def test_route_scopes_default_like_iproute2() -> None:
-    s = spec(routes=[
-        {"table": 100, "dst": "default", "type": "local", "dev": "lo"},
-        {"table": 101, "dst": "10.0.0.2/32", "dev": "veth"},
-        {"table": 101, "dst": "default", "gateway": "10.0.0.2", "dev": "veth"},
-    ])
+    s = spec(
+        routes=[
+            {"table": 100, "dst": "default", "type": "local", "dev": "lo"},
+            {"table": 101, "dst": "10.0.0.2/32", "dev": "veth"},
+            {"table": 101, "dst": "default", "gateway": "10.0.0.2", "dev": "veth"},
+        ]
+    )
     assert [r.scope for r in s.routes] == [254, 253, 0]
     assert [r.text() for r in s.routes] == [
         "local 0.0.0.0/0 dev lo table 100",
@@ -106,12 +126,24 @@ def test_route_scopes_default_like_iproute2() -> None:
 
 
 def _rule_msg(priority, table, action=1, **attrs):
-    base = {"FRA_PRIORITY": priority, "FRA_TABLE": table, "FRA_SUPPRESS_PREFIXLEN": 0xFFFFFFFF, "FRA_PROTOCOL": 2}
+    base = {
+        "FRA_PRIORITY": priority,
+        "FRA_TABLE": table,
+        "FRA_SUPPRESS_PREFIXLEN": 0xFFFFFFFF,
+        "FRA_PROTOCOL": 2,
+    }
     base.update(attrs)
     if priority == 0:
         base.pop("FRA_PRIORITY")
-    return {"action": action, "table": table if table < 256 else 252, "src_len": 0, "dst_len": 0, "tos": 0,
-            "flags": 0, "attrs": list(base.items())}
+    return {
+        "action": action,
+        "table": table if table < 256 else 252,
+        "src_len": 0,
+        "dst_len": 0,
+        "tos": 0,
+        "flags": 0,
+        "attrs": list(base.items()),
+    }
 
 
 def test_rule_from_msg_matches_desired_rule_exactly() -> None:
@@ -125,17 +157,28 @@ def test_rule_from_msg_matches_desired_rule_exactly() -> None:
 
 
 def test_route_from_msg() -> None:
-    msg = {"dst_len": 0, "tos": 0, "table": 102, "scope": 0, "type": 1, "flags": 4,
-           "attrs": [("RTA_TABLE", 102), ("RTA_GATEWAY", "10.99.0.2"), ("RTA_OIF", 3)]}
+    msg = {
+        "dst_len": 0,
+        "tos": 0,
+        "table": 102,
+        "scope": 0,
+        "type": 1,
+        "flags": 4,
+        "attrs": [("RTA_TABLE", 102), ("RTA_GATEWAY", "10.99.0.2"), ("RTA_OIF", 3)],
+    }
     route = rt.route_from_msg(msg, {3: "ztproxy0"})
-    want = spec(routes=[{"table": 102, "dst": "default", "gateway": "10.99.0.2", "dev": "ztproxy0",
-                         "onlink": True}]).routes[0]
+    want = spec(
+        routes=[{"table": 102, "dst": "default", "gateway": "10.99.0.2", "dev": "ztproxy0", "onlink": True}]
+    ).routes[0]
     assert route == want
 
 
 def _kernel_default_rules():
-    return [rt.rule_from_msg(_rule_msg(0, 255)), rt.rule_from_msg(_rule_msg(32766, 254)),
-            rt.rule_from_msg(_rule_msg(32767, 253))]
+    return [
+        rt.rule_from_msg(_rule_msg(0, 255)),
+        rt.rule_from_msg(_rule_msg(32766, 254)),
+        rt.rule_from_msg(_rule_msg(32767, 253)),
+    ]
 
 
 def test_local_rule_is_added_at_its_new_priority_before_priority_0_is_deleted() -> None:
@@ -155,16 +198,20 @@ def test_local_rule_is_added_at_its_new_priority_before_priority_0_is_deleted() 
 
 def test_plan_sweeps_foreign_rules_in_the_owned_range_only() -> None:
     s = spec(rules=DESIGN_RULES)
-    current = _kernel_default_rules() + s.rules + [rt.Rule(priority=102, table=7), rt.Rule(priority=500, table=9)]
+    current = (
+        _kernel_default_rules() + s.rules + [rt.Rule(priority=102, table=7), rt.Rule(priority=500, table=9)]
+    )
     plan = rt.plan_routing(s, current, [], present=True)
     assert [step.text() for step in plan.steps] == ["rule-del 102: from all lookup 7"]
 
 
 def test_plan_routes_link_routes_first_replace_in_place_and_sweep_owned_tables() -> None:
-    s = spec(routes=[
-        {"table": 101, "dst": "default", "gateway": "192.168.127.2", "dev": "istioout"},
-        {"table": 101, "dst": "10.99.0.2/32", "dev": "ztproxy0"},
-    ])
+    s = spec(
+        routes=[
+            {"table": 101, "dst": "default", "gateway": "192.168.127.2", "dev": "istioout"},
+            {"table": 101, "dst": "10.99.0.2/32", "dev": "ztproxy0"},
+        ]
+    )
     current = [
         rt.Route(table=101, dst="0.0.0.0/0", gateway="192.168.127.9", dev="istioout"),  # wrong gateway
         rt.Route(table=101, dst="10.5.0.0/24", dev="x", scope=253),  # stray route in an owned table

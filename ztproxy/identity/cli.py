@@ -187,7 +187,8 @@ def _ca_serve(args) -> int:
         mesh_state=args.mesh_state,
         trust_domain=pki.check_trust_domain(args.trust_domain),
         trust_bundle=args.trust_bundle,
-        listen=[parse_address(a) for a in args.listen] or [("0.0.0.0", pki.DEFAULT_CA_PORT)],
+        listen=[parse_address(a, "listen address", allow_port_zero=True) for a in args.listen]
+        or [("0.0.0.0", pki.DEFAULT_CA_PORT)],
         default_ttl=args.cert_ttl,
         max_ttl=args.max_cert_ttl,
         deny_list=args.deny_list,

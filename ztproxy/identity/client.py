@@ -20,8 +20,8 @@ from .grpcwire import GrpcError
 from .pki import DEFAULT_CA_PORT, IdentityError, identity_of
 
 
-def parse_address(text: str) -> Tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``host`` (port 15012)."""
+def parse_address(text: str, what: str = "CA address", allow_port_zero: bool = False) -> Tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` (port 15012). Port 0 (any free port) only for listeners."""
     text = text.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -30,8 +30,9 @@ def parse_address(text: str) -> Tuple[str, int]:
         host, port = text.split(":")
     else:
         host, port = text, str(DEFAULT_CA_PORT)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise IdentityError(f"CA address {text!r} is not host:port (for example 10.0.0.5:{DEFAULT_CA_PORT})")
+    lowest = 0 if allow_port_zero else 1
+    if not host or not port.isdigit() or not lowest <= int(port) < 65536:
+        raise IdentityError(f"{what} {text!r} is not host:port (for example 10.0.0.5:{DEFAULT_CA_PORT})")
     return host, int(port)
 
 

@@ -268,7 +268,11 @@ async def _unary_call(
         while not done:
             data = await reader.read(READ_SIZE)
             if not data:
-                raise GrpcError(grpcwire.UNAVAILABLE, f"{host}:{port} closed the connection before answering")
+                raise GrpcError(
+                    grpcwire.UNAVAILABLE,
+                    f"{host}:{port} closed the connection before answering (usually: it refused this node's "
+                    "certificate as expired, revoked or not from its trust bundle; see its log)",
+                )
             for event in conn.receive_data(data):
                 if (
                     isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived))
