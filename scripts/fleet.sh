@@ -137,7 +137,7 @@ start_node() {
         log "$container started again (was $state)"
         return
     fi
-    # The same settings as the molecule nodes (molecule/shared/nodes.yml).
+    # The same settings as the molecule nodes (molecule/shared/vars/nodes.yml).
     podman run --detach --name "$container" --hostname "$node" \
         --privileged --systemd=always \
         --network "$NETWORK" --ip "${NODE_ADDRESS[$node]}" \

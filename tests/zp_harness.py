@@ -72,6 +72,7 @@ class MeshFiles:
             "listen": {"outbound": "127.0.0.1:0", "inbound": "0.0.0.0:0", "inbound_plaintext": None,
                        "transparent": False},
             "preserve_source": False,
+            "socket_mark": 0,  # SO_MARK needs CAP_NET_ADMIN: the unit tier runs without root
             "reload_interval": 0.2,
             "log_level": "debug",
         }

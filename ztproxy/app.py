@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import signal
+import socket
 import time
 from typing import Any, Dict, Optional, Set, Tuple
 
@@ -16,7 +17,7 @@ from ztproxy.hbone_server import HboneListener
 from ztproxy.hooks import AllowAll, Authorizer, ConnectionObserver, NoObserver
 from ztproxy.inbound import PlaintextInboundHandler
 from ztproxy.listener import Listener
-from ztproxy.origdst import listening_socket
+from ztproxy.origdst import SO_MARK, listening_socket
 from ztproxy.outbound import OutboundHandler
 from ztproxy.pool import HbonePool
 from ztproxy.state import MeshState, MeshStateError, MeshStateWatcher
@@ -37,6 +38,21 @@ def _listen_hint(exc: OSError, transparent: bool) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return "the address is not configured on this host (or namespace)"
     return "check the 'listen' setting"
+
+
+def _check_socket_mark(mark: int) -> None:
+    """Fail at start, not on every connection, when the proxy may not mark its sockets."""
+    if not mark:
+        return
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as exc:
+        raise StartupError(f"cannot set socket_mark {mark:#x} on sockets ({exc.strerror}): ztproxy needs "
+                           "CAP_NET_ADMIN for it, or set 'socket_mark: 0' when the node's rules do not "
+                           "rely on the mark") from None
+    finally:
+        probe.close()
 
 
 class App:
@@ -110,6 +126,7 @@ class App:
             load_trust_bundle(settings.trust_bundle)
         except CertError as exc:
             raise StartupError(str(exc)) from None
+        _check_socket_mark(settings.socket_mark)
         local = self.state.local_workloads(settings.node_name)
         if not local:
             log.warning("the mesh state has no workload on node %r: nothing to proxy until it does",

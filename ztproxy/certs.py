@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtensionOID
 
 from ztproxy.state import file_signature
@@ -63,6 +65,16 @@ def _utc_bounds(cert: x509.Certificate) -> Tuple[datetime.datetime, datetime.dat
                 cert.not_valid_after.replace(tzinfo=datetime.timezone.utc))
 
 
+def _parse_pem_certs(data: bytes) -> List[x509.Certificate]:
+    if hasattr(x509, "load_pem_x509_certificates"):  # cryptography >= 39
+        return x509.load_pem_x509_certificates(data)
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [block + marker for block in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
+    if not blocks:
+        raise ValueError("no PEM certificate found")
+    return [x509.load_pem_x509_certificate(block) for block in blocks]
+
+
 def load_pem_certs(path: str, what: str) -> List[x509.Certificate]:
     try:
         with open(path, "rb") as handle:
@@ -70,7 +82,7 @@ def load_pem_certs(path: str, what: str) -> List[x509.Certificate]:
     except OSError as exc:
         raise CertError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        certs = _parse_pem_certs(data)
     except ValueError as exc:
         raise CertError(f"{what} {path} holds no parseable PEM certificate: {exc}") from None
     if not certs:
@@ -93,11 +105,22 @@ def _check_validity(cert: x509.Certificate, path: str, now: datetime.datetime) -
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """``cert`` carries ``issuer``'s name and a valid signature by its key."""
     if cert.issuer != issuer.subject:
         return False
     try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, Exception):  # InvalidSignature and friends
+        if hasattr(cert, "verify_directly_issued_by"):  # cryptography >= 40
+            cert.verify_directly_issued_by(issuer)
+            return True
+        key = issuer.public_key()
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+                       cert.signature_hash_algorithm)
+        else:
+            key.verify(cert.signature, cert.tbs_certificate_bytes)  # Ed25519 / Ed448
+    except (InvalidSignature, ValueError, TypeError):
         return False
     return True
 

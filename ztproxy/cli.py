@@ -77,7 +77,7 @@ def check(settings: Settings) -> List[str]:
         return [str(exc)]
     local = state.local_workloads(settings.node_name)
     print(f"mesh state {settings.mesh_state}: {len(state.workloads)} workload(s), {len(state.services)} "
-          f"service(s), {len(state.policies)} polic(ies); {len(local)} workload(s) on node "
+          f"service(s), {len(state.policies)} policies; {len(local)} workload(s) on node "
           f"{settings.node_name}")
     for workload in local:
         if workload.trust_domain != settings.trust_domain:

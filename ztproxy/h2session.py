@@ -7,6 +7,7 @@ h2 wants sent. Client and server sessions (hbone_client, hbone_server) add reque
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 from typing import Dict, List, Optional
 
@@ -15,10 +16,26 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from ztproxy.pump import StreamPump
 
 log = logging.getLogger("ztproxy.h2")
+
+
+def _short_hex(data) -> str:
+    """hyperframe's ``_raw_data_repr`` with the same output, hexlifying only what it shows.
+
+    h2 formats ``repr(frame)`` for every received frame (even with logging off) and hyperframe's
+    version hexlifies the whole payload before cutting it to 20 characters: for 1 MiB DATA frames that
+    was a third of the receive path's CPU time."""
+    if not data:
+        return "None"
+    text = binascii.hexlify(bytes(data[:11])).decode("ascii")
+    return "<hex:" + (text[:20] + "..." if len(text) > 20 else text) + ">"
+
+
+hyperframe.frame._raw_data_repr = _short_hex
 
 
 class _DrainableStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -71,6 +88,9 @@ class H2Session(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Pause the streams' TCP reads only when a good amount waits for the socket: the stream and
+        # connection windows already bound what can pile up here.
+        transport.set_write_buffer_limits(high=1 << 20, low=256 << 10)  # type: ignore[attr-defined]
         problem = self.check_peer(transport)
         if problem is not None:
             log.warning("closing HBONE connection with %s: %s", transport.get_extra_info("peername"),

@@ -101,11 +101,11 @@ class HboneClientSession(H2Session):
                 return
             self._open_streams.discard(stream_id)
         self.reserved -= 1
-        if self.reserved == 0 and self.on_lost is not None:
+        if self.reserved == 0 and not self.closed:
             self.became_idle()
 
     def became_idle(self) -> None:
-        """Hook replaced by the pool to start the idle timer."""
+        """No stream left; the pool replaces this to start the idle timer."""
 
     async def connect_stream(self, authority: str, headers: List[Tuple[str, str]], pump: StreamPump,
                              timeout: float) -> int:

@@ -9,12 +9,7 @@ or telemetry: they are what they say, not an authorization engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
-
-try:  # typing.Protocol is 3.8+; kept in a try for type checkers that vendor typing_extensions.
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    from typing_extensions import Protocol  # type: ignore
+from typing import Any, Optional, Protocol
 
 
 @dataclass(frozen=True)

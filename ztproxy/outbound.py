@@ -180,7 +180,7 @@ class OutboundHandler:
         try:
             transport = await adopt(sock, pump)
         except OSError as exc:  # the client went away meanwhile
-            pump.on_session_lost(f"client connection lost: {exc}")
+            pump.cancel(f"client connection lost: {exc}")
             return None, False
         pump.attach_tcp(transport)
         pump.start()

@@ -161,6 +161,11 @@ class StreamPump(asyncio.Protocol):
     def on_window(self) -> None:
         self._send_pending()
 
+    def cancel(self, error: str) -> None:
+        """Give up on an established stream whose TCP side never came up: reset it, finish."""
+        self._reset_stream(h2.errors.ErrorCodes.CANCEL)
+        self._finish(error)
+
     def on_session_lost(self, error: str) -> None:
         """The HTTP/2 connection is gone: abort the TCP side (RST), so the client sees an error."""
         if self._finished:
@@ -200,7 +205,9 @@ class StreamPump(asyncio.Protocol):
                 if window <= 0:
                     break
                 n = min(window, conn.max_outbound_frame_size, len(pending))
-                conn.send_data(self.stream_id, pending[:n].tobytes())
+                # The usual case sends a whole read as one frame: hand h2 the bytes object itself.
+                chunk = pending.obj if n == len(pending) == len(pending.obj) else pending[:n].tobytes()
+                conn.send_data(self.stream_id, chunk)
                 pending = pending[n:]
             self._pending = pending if pending else None
             if self._pending is None and self._tcp_eof:

@@ -626,6 +626,19 @@ def signed_chain(signed: Mapping[str, Any], identity: str) -> Optional[str]:
     return None
 
 
+def identity_dirs(identities: Sequence[str], certs_dir: str) -> List[str]:
+    """SPIFFE IDs -> their directories <certs_dir>/<namespace>/<service-account> and the namespace dirs."""
+    dirs: List[str] = []
+    for identity in identities:
+        match = re.match(r"^spiffe://[^/]+/ns/([^/]+)/sa/([^/]+)$", identity or "")
+        if not match:
+            raise ValueError(f"{identity!r} is not a SPIFFE ID of the form spiffe://<td>/ns/<ns>/sa/<sa>")
+        for path in (f"{certs_dir}/{match.group(1)}", f"{certs_dir}/{match.group(1)}/{match.group(2)}"):
+            if path not in dirs:
+                dirs.append(path)
+    return dirs
+
+
 def _hostvars_view(hostvars: Any, hosts: Sequence[str]) -> Dict[str, Mapping[str, Any]]:
     """Only the variables this model reads, so Ansible templates nothing else."""
     names = set(INVENTORY_DEFAULTS) | {"ztmesh_node_name"}
@@ -649,4 +662,5 @@ class FilterModule:
             "ztmesh_node_enrollments": node_enrollments,
             "ztmesh_sign_requests": sign_requests,
             "ztmesh_signed_chain": signed_chain,
+            "ztmesh_identity_dirs": identity_dirs,
         }

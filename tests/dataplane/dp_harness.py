@@ -183,26 +183,39 @@ def run_role(node: Node, action: str = "apply", check: bool = False, diff: bool 
 # ---------------------------------------------------------------------------------------------------
 # Snapshots: every object the role could touch, in a form that is stable across runs.
 
-_LINK_NOISE = ("ifindex", "link_index", "address", "broadcast", "link_netnsid", "inet6_addr_gen_mode",
-               "num_tx_queues", "num_rx_queues", "gso_max_size", "gso_max_segs", "tso_max_size",
-               "tso_max_segs", "gro_max_size", "gso_ipv4_max_size", "gro_ipv4_max_size", "txqlen",
-               "min_mtu", "max_mtu", "parentbus", "parentdev", "promiscuity", "allmulti", "qdisc",
-               "link", "addr_info", "altnames", "operstate")
+# Tunnel attributes that identify a link (the rest of info_data: timers and counters of bridges).
+_TUNNEL_KINDS = ("vxlan", "geneve")
 
 
 def _links(ns: str) -> List[str]:
+    """Name, kind, MTU, admin state, master and, for tunnels, every kernel attribute of each link."""
     out = []
     for link in json.loads(sh("ip", "-d", "-j", "link", "show", ns=ns).stdout):
-        for key in _LINK_NOISE:
-            link.pop(key, None)
         info = link.get("linkinfo", {})
-        info.get("info_slave_data", {}).pop("bridge_id", None)
-        for key in ("bridge_id", "root_id", "designated_root", "hello_timer", "tcn_timer",
-                    "topology_change_timer", "gc_timer", "mcast_querier_timer"):
-            info.get("info_data", {}).pop(key, None)
-            info.get("info_slave_data", {}).pop(key, None)
-        out.append(json.dumps(link, sort_keys=True))
+        kind = info.get("info_kind")
+        out.append(json.dumps({
+            "ifname": link["ifname"], "kind": kind, "mtu": link.get("mtu"), "master": link.get("master"),
+            "up": "UP" in link.get("flags", []),
+            "data": info.get("info_data") if kind in _TUNNEL_KINDS else None,
+        }, sort_keys=True))
     return sorted(out)
+
+
+def _sorted_members(listing: List[str]) -> List[str]:
+    """Members print in hash order, which depends on the set's random seed: sort them per set."""
+    out: List[str] = []
+    members: List[str] = []
+    in_members = False
+    for line in listing + ["Name: "]:
+        if line.startswith("Name: "):
+            out += sorted(members)
+            members, in_members = [], False
+        if in_members and line.strip():
+            members.append(line)
+        else:
+            out.append(line)
+        in_members = in_members or line.startswith("Members:")
+    return out[:-1]
 
 
 def snapshot(ns: str) -> Dict[str, object]:
@@ -221,9 +234,10 @@ def snapshot(ns: str) -> Dict[str, object]:
              if not line.startswith(("Size in memory", "References"))]
     ipset = [" ".join(w for w in line.split() if not w.startswith("0x")) if line.startswith("Header") else line
              for line in ipset]
+    ipset = _sorted_members(ipset)
     sysctl = lines("sysctl", "-a", "--pattern", r"^net\.ipv4\.(ip_forward|conf\.)")
     return {"iptables": iptables, "rules": lines("ip", "rule", "show"), "routes": routes,
-            "addresses": sorted(lines("ip", "-4", "-o", "addr", "show")), "links": _links(ns),
+            "addresses": sorted(line.split(": ", 1)[1] for line in lines("ip", "-4", "-o", "addr", "show")), "links": _links(ns),
             "ipset": ipset, "sysctl": sysctl}
 
 
@@ -261,6 +275,32 @@ try:
 except socket.timeout:
     print("TIMEOUT")
 """
+
+
+_PING = """
+import os, socket, struct, sys
+def csum(b):
+    b += b"\\0" * (len(b) % 2)
+    t = sum(struct.unpack(f"!{len(b) // 2}H", b)); t = (t >> 16) + (t & 0xffff); t += t >> 16
+    return ~t & 0xffff
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(float(sys.argv[2]))
+ident = os.getpid() & 0xffff
+hdr = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"ztmesh"
+s.sendto(hdr[:2] + struct.pack("!H", csum(hdr)) + hdr[4:], (sys.argv[1], 0))
+try:
+    while True:
+        data, peer = s.recvfrom(2048)
+        icmp = data[(data[0] & 15) * 4:]
+        if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+            print(f"REPLY {peer[0]}"); break
+except socket.timeout:
+    print("TIMEOUT")
+"""
+
+
+def ping(ns: str, ip: str, timeout: float = 3.0) -> str:
+    """One ICMP echo (raw socket: no ping binary needed); 'REPLY <ip>' or 'TIMEOUT'."""
+    return sh(PYTHON, "-c", _PING, ip, str(timeout), ns=ns, timeout=30).stdout.strip()
 
 
 def tcp(ns: str, ip: str, port: int, timeout: float = 3.0) -> str:

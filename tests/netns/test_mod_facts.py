@@ -37,6 +37,7 @@ def facts(netns: str, check: bool = False) -> dict:
 
 def test_facts_match_the_host_and_change_nothing(make_netns, sh):
     netns, scratch = make_netns(), make_netns()
+    sh("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward", netns=netns)  # copied from the root ns
     before = state_of(sh, netns)
     found = facts(netns)
     assert state_of(sh, netns) == before

@@ -1,6 +1,6 @@
 """ztmesh_sysctl against the real kernel. Values are set in throwaway namespaces (their /proc/sys/net is
-their own); the root namespace's values are read to prove they never change. The persist-file test runs
-in the root namespace with values equal to the current ones, so nothing but its own file is written."""
+their own); the root namespace's values are read to prove they never change. The persist-file tests run
+in the root namespace with a key of an interface that does not exist, so only their own file is written."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ansible_module import run_module
 pytestmark = pytest.mark.timeout(120)
 
 ROOT_IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+ROOT_PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 def read_in(sh, netns: str, key: str) -> str:
@@ -25,6 +26,13 @@ def read_root(path: str) -> str:
 
 
 @pytest.fixture
+def netns(netns, sh) -> str:
+    """The conftest namespace with ip_forward 0: a new namespace copies the root namespace's value."""
+    sh("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward", netns=netns)
+    return netns
+
+
+@pytest.fixture
 def tunnel_ns(netns, sh) -> str:
     """A namespace with a link named istioin, for per-interface keys."""
     sh("ip", "link", "add", "istioin", "type", "vxlan", "id", "1000", "remote", "192.0.2.1",
@@ -33,7 +41,8 @@ def tunnel_ns(netns, sh) -> str:
 
 
 def test_applies_values_in_the_namespace_only(tunnel_ns, sh):
-    root_before = read_root(ROOT_IP_FORWARD)
+    root_paths = (ROOT_IP_FORWARD, ROOT_PORT_RANGE)
+    root_before = [read_root(path) for path in root_paths]
     sysctls = {"net.ipv4.ip_forward": 1, "net.ipv4.conf.istioin.rp_filter": 0,
                "net.ipv4.conf.istioin.accept_local": True, "net.ipv4.ip_local_port_range": "20000   30000"}
     previous = {key: read_in(sh, tunnel_ns, key) for key in sysctls}
@@ -46,7 +55,8 @@ def test_applies_values_in_the_namespace_only(tunnel_ns, sh):
     assert read_in(sh, tunnel_ns, "net.ipv4.ip_local_port_range") == "20000 30000"
     assert result["current"]["net.ipv4.ip_local_port_range"] == "20000 30000"
     assert set(result["changed_keys"]) == {k for k in sysctls if previous[k] != result["current"][k]}
-    assert read_root(ROOT_IP_FORWARD) == root_before
+    assert [read_root(path) for path in root_paths] == root_before
+    assert root_before[1] != "20000 30000"  # the root value differs, so the check above means something
 
 
 def test_second_run_changes_nothing(netns):
@@ -135,18 +145,21 @@ def persist_path() -> Iterator[str]:
 
 
 def test_persist_file_holds_exactly_the_keys(persist_path):
-    # Root namespace, but every value equals the current one: only the file is written.
-    current = read_root(ROOT_IP_FORWARD)
-    args = {"sysctls": {"net.ipv4.ip_forward": current}, "persist": persist_path}
+    # Root namespace, so the key names an interface that does not exist: with ignore_missing the module
+    # writes no value at all, only its file.
+    key = f"net.ipv4.conf.ztno{os.getpid() % 100000}.rp_filter"
+    args = {"sysctls": {key: 0}, "persist": persist_path, "ignore_missing": True}
     check = run_module("ztmesh_sysctl", args, check=True, diff=True)
     assert check["changed"] is True and check["changed_keys"] == [] and not os.path.exists(persist_path)
-    assert "net.ipv4.ip_forward = " + current in check["diff"]["after"]["persist"]["content"]
+    assert f"-{key} = 0" in check["diff"]["after"]["persist"]["content"]
+    assert check["diff"]["before"]["persist"]["content"] is None
 
     result = run_module("ztmesh_sysctl", args)
-    assert result["changed"] is True and result["persist_changed"] is True and result["changed_keys"] == []
+    assert result["changed"] is True and result["persist_changed"] is True
+    assert (result["changed_keys"], result["missing_keys"], result["previous"]) == ([], [key], {})
     with open(persist_path, encoding="utf-8") as handle:
         lines = [line for line in handle.read().splitlines() if not line.startswith("#")]
-    assert lines == [f"net.ipv4.ip_forward = {current}"]
+    assert lines == [f"-{key} = 0"]
     assert oct(os.stat(persist_path).st_mode & 0o777) == "0o644"
     assert run_module("ztmesh_sysctl", args)["changed"] is False
 
@@ -154,17 +167,17 @@ def test_persist_file_holds_exactly_the_keys(persist_path):
         handle.write("net.ipv4.conf.all.rp_filter = 2\n")  # drift: a key ztmesh does not own
     assert run_module("ztmesh_sysctl", args)["changed"] is True
     with open(persist_path, encoding="utf-8") as handle:
-        assert "rp_filter" not in handle.read()
+        assert "all.rp_filter" not in handle.read()
 
     removed = run_module("ztmesh_sysctl", {**args, "state": "absent"})
     assert removed["changed"] is True and not os.path.exists(persist_path)
-    assert read_root(ROOT_IP_FORWARD) == current
+    assert run_module("ztmesh_sysctl", {**args, "state": "absent"})["changed"] is False
 
 
 @pytest.mark.parametrize("path", ["/etc/sysctl.conf", "/etc/sysctl.d/sub/x.conf", "/etc/sysctl.d/x.txt",
                                   "/etc/sysctl.d/../passwd.conf", "relative.conf"])
 def test_persist_outside_sysctl_d_is_refused(path):
-    result = run_module("ztmesh_sysctl", {"sysctls": {"net.ipv4.ip_forward": read_root(ROOT_IP_FORWARD)},
-                                          "persist": path})
+    result = run_module("ztmesh_sysctl", {"sysctls": {"net.ipv4.conf.ztnothere.rp_filter": 0},
+                                          "persist": path, "ignore_missing": True})
     assert result["failed"] is True and "/etc/sysctl.d/" in result["msg"]
     assert not os.path.exists("/etc/sysctl.d/sub/x.conf") and not os.path.exists("/etc/sysctl.d/x.txt")

@@ -115,7 +115,7 @@ def node(netns, tmp_path):
         workload("server3", REFUSING_IP, "node-b", service_account="server"),
     ])
     files.write_settings(listen={"outbound": "0.0.0.0:15001", "inbound": None, "inbound_plaintext": None,
-                                 "transparent": False}, log_level="info")
+                                 "transparent": False}, socket_mark=0x539, log_level="info")
     log = tmp_path / "ztproxy.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["ip", "netns", "exec", netns] + ztproxy_cmd("run", "--config",

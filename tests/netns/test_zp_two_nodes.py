@@ -122,7 +122,8 @@ def mesh(request, make_netns, tmp_path) -> Iterator[Mesh]:
         f.write_state(state["workloads"], state["services"])
         f.write_settings(listen={"outbound": "0.0.0.0:15001", "inbound": "0.0.0.0:15008",
                                  "inbound_plaintext": "0.0.0.0:15006", "transparent": True},
-                         preserve_source=True, log_level=os.environ.get("ZP_LOG_LEVEL", "info"))
+                         preserve_source=True, socket_mark=0x539,
+                         log_level=os.environ.get("ZP_LOG_LEVEL", "info"))
         logs[node] = tmp_path / f"{node}.log"
         with open(logs[node], "w") as out:
             procs[node] = subprocess.Popen(["ip", "netns", "exec", netns] +
@@ -263,10 +264,11 @@ def test_one_gib_arrives_byte_exact(mesh: Mesh) -> None:
 def test_killed_remote_proxy_gives_the_client_an_error_not_a_hang(mesh: Mesh) -> None:
     sink = subprocess.Popen(["ip", "netns", "exec", mesh.ns["wB"], "python3", "-c", _SINK],
                             stdout=subprocess.PIPE, text=True)
-    client = subprocess.Popen(["ip", "netns", "exec", mesh.ns["wA"], "python3", "-c", _SOURCE, str(1 << 40)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = None
     try:
         assert sink.stdout.readline().strip() == "listening"
+        client = subprocess.Popen(["ip", "netns", "exec", mesh.ns["wA"], "python3", "-c", _SOURCE,
+                                   str(1 << 40)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(2.0)  # data is flowing
         assert client.poll() is None, client.stderr.read()
         mesh.procs["node-b"].kill()
@@ -274,7 +276,8 @@ def test_killed_remote_proxy_gives_the_client_an_error_not_a_hang(mesh: Mesh) ->
         client.wait(20)
         elapsed = time.monotonic() - started
     finally:
-        client.kill()
+        if client is not None:
+            client.kill()
         sink.kill()
         sink.wait(10)
     assert client.returncode != 0

@@ -113,6 +113,13 @@ def test_enrollment_installs_a_verifiable_chain_with_right_modes_and_is_idempote
     assert not reinstall["changed"], reinstall
     assert not run_module("ztmesh_ca", {"ca_dir": str(ca_dir)})["changed"]
 
+    # state=absent removes the identity (and only it), once.
+    gone = run_module("ztmesh_cert", {"identity": IDENTITY, "certs_dir": str(certs), "state": "absent"})
+    assert gone["changed"] and not (certs / "shop/cart").exists() and (certs / "root-cert.pem").exists()
+    assert not run_module("ztmesh_cert", {"identity": IDENTITY, "certs_dir": str(certs), "state": "absent"})[
+        "changed"
+    ]
+
 
 def test_pending_key_is_reused_until_installed_and_force_makes_a_new_one(tmp_path: Path) -> None:
     args = {"identity": IDENTITY, "certs_dir": str(tmp_path), "state": "csr"}
@@ -271,16 +278,6 @@ def test_owner_and_group_are_applied_and_drift_is_repaired(tmp_path: Path) -> No
         "ztmesh_cert", {"identity": IDENTITY, "certs_dir": str(certs), "owner": "no-such-user-zi"}
     )
     assert unknown["failed"] and "create the ztproxy user first" in unknown["msg"]
-
-
-def test_absent_removes_the_identity(tmp_path: Path) -> None:
-    certs = tmp_path / "certs"
-    enroll(certs, tmp_path / "ca")
-    gone = run_module("ztmesh_cert", {"identity": IDENTITY, "certs_dir": str(certs), "state": "absent"})
-    assert gone["changed"] and not (certs / "shop/cart").exists()
-    assert not run_module("ztmesh_cert", {"identity": IDENTITY, "certs_dir": str(certs), "state": "absent"})[
-        "changed"
-    ]
 
 
 def test_node_identity_enrollment(tmp_path: Path) -> None:

@@ -6,13 +6,15 @@
 * ``revocation``: ``RevocationList.is_revoked()``, called by the HBONE handshake.
 * ``cli``: `ztproxy ca ...` and `ztproxy cert ...`.
 
-See docs/identity.md.
+See docs/identity.md. ``run_renewer`` and ``RenewerSettings`` are imported on first use so that the
+data plane can use ``pki`` and ``revocation`` without loading the gRPC stack (protobuf).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from .pki import DEFAULT_TRUST_DOMAIN, CertSummary, IdentityError, SpiffeId, node_identity
-from .renewer import RenewerSettings, run_renewer
 from .revocation import RevocationList
 
 __all__ = [
@@ -25,3 +27,11 @@ __all__ = [
     "node_identity",
     "run_renewer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("run_renewer", "RenewerSettings"):
+        from . import renewer
+
+        return getattr(renewer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -245,7 +245,11 @@ async def run_renewer(
     tasks: Dict[SpiffeId, asyncio.Task] = {}
     try:
         while not stop.is_set():
-            wanted = {settings.node} | set(identities())
+            try:
+                wanted = {settings.node} | set(identities())
+            except Exception:  # a broken identity source must not stop the renewals already running
+                log.exception("cannot list this node's identities; keeping the current set")
+                wanted = set(tasks) | {settings.node}
             for identity in wanted - set(tasks):
                 tasks[identity] = asyncio.ensure_future(renewer.maintain(identity, stop))
             for identity in set(tasks) - wanted:

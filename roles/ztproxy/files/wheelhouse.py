@@ -6,7 +6,8 @@ per (source digest, node Python version, node architecture): dependencies with c
 (cryptography, uvloop, PyYAML) are fetched as manylinux wheels for the node's Python, which may differ
 from the controller's. An existing complete wheelhouse is reused, so a second run changes nothing.
 
-Prints one JSON object: changed, path, digest, project_wheel, wheels.
+Next to each wheelhouse directory a tar archive of it is kept, so the role copies one file per node
+instead of one per wheel. Prints one JSON object: changed, path, archive, digest, project_wheel, wheels.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import List
@@ -67,20 +69,28 @@ def build(source: Path, target: Path, python_version: str, arch: str) -> None:
         + platform_args + [str(project)])
 
 
+def write_archive(directory: Path, archive: Path) -> None:
+    """The wheelhouse as one tar file (written aside, then renamed: never half an archive)."""
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w") as tar:
+        for item in sorted(directory.iterdir()):
+            tar.add(item, arcname=item.name)
+    os.rename(partial, archive)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, type=Path, help="the ztmesh source tree (pyproject.toml)")
     parser.add_argument("--cache", required=True, type=Path, help="controller directory for wheelhouses")
     parser.add_argument("--python-version", required=True, help="the node's Python, e.g. 3.11")
     parser.add_argument("--arch", required=True, help="the node's machine architecture, e.g. x86_64")
-    parser.add_argument("--digest-only", action="store_true", help="print where the wheelhouse is; build nothing")
     args = parser.parse_args()
 
     digest = source_digest(args.source)
     major_minor = ".".join(args.python_version.split(".")[:2])
     path = args.cache / f"{digest}-cp{major_minor.replace('.', '')}-{args.arch}"
     changed = False
-    if not (path / COMPLETE_MARK).is_file() and not args.digest_only:
+    if not (path / COMPLETE_MARK).is_file():
         args.cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=args.cache))
         try:
@@ -93,9 +103,13 @@ def main() -> int:
             if staging.exists():
                 shutil.rmtree(staging)
         changed = True
+    archive = args.cache / f"{path.name}.tar"
+    if path.is_dir() and not archive.is_file():
+        write_archive(path, archive)
+        changed = True
     wheels = sorted(p.name for p in path.glob("*.whl")) if path.is_dir() else []
     project = [w for w in wheels if w.startswith("ztmesh-")]
-    print(json.dumps({"changed": changed, "path": str(path), "digest": digest,
+    print(json.dumps({"changed": changed, "path": str(path), "archive": str(archive), "digest": digest,
                       "project_wheel": project[0] if project else "", "wheels": wheels}))
     return 0
 

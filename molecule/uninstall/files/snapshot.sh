@@ -1,0 +1,52 @@
+#!/bin/sh
+# Everything on a node that ztmesh could change, in a stable text form: before onboarding and after
+# uninstalling, the two snapshots must be identical (molecule/uninstall). Counters, timestamps and
+# other values that change by themselves are left out; nothing else is.
+set -u
+LC_ALL=C
+export LC_ALL
+
+section() { printf '\n#### %s\n' "$1"; }
+
+for tool in iptables-legacy iptables-nft ip6tables-legacy ip6tables-nft; do
+    section "$tool-save"
+    # Drop comments (they carry a timestamp) and zero the packet/byte counters.
+    "$tool-save" 2>&1 | grep -v '^#' | sed -e 's/\[[0-9]*:[0-9]*\]/[0:0]/'
+done
+
+section "ip rule";                 ip rule show
+section "ip -6 rule";              ip -6 rule show
+section "ip route show table all"; ip route show table all
+section "ip -6 route show table all"; ip -6 route show table all
+section "ipset";                   ipset save 2>&1
+section "links";                   ip -d -o link show | sed -e 's/ link-netnsid [0-9]*//'
+section "addresses";               ip -o addr show | sed -e 's/ valid_lft .*//'
+section "network namespaces";      ip netns list; ls -la /run/netns 2>&1 | sed -e '1d' | awk '{print $1, $3, $4, $NF}'
+section "sysctl net.*"
+# nf_conntrack_count is the number of tracked connections at this instant.
+sysctl -a 2>/dev/null | grep '^net\.' | grep -v -e 'nf_conntrack_count' | sort
+
+section "systemd unit files";      systemctl list-unit-files --no-legend --no-pager | sort
+section "systemd units"
+# Loaded units and their states; transient scopes of `podman exec` sessions come and go.
+systemctl list-units --all --no-legend --no-pager --plain | grep -v -e '\.scope ' | awk '{print $1, $2, $3, $4}' | sort
+
+section "users and groups"
+cat /etc/passwd /etc/group
+# Password-change dates of other accounts do not move; the lines themselves must match.
+cut -d: -f1,2 /etc/shadow /etc/gshadow
+
+section "files"
+# Owner, mode, size and content hash of every file outside pseudo and volatile file systems, logs,
+# caches, systemd's own bookkeeping and Ansible's working directory. /etc/passwd- and its siblings are
+# the backups useradd/userdel always rewrite: listed, their size and content not compared.
+PRUNE='-path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp -o -path /var/tmp
+       -o -path /var/log -o -path /var/cache -o -path /var/lib/systemd -o -path /root/.ansible'
+BACKUPS='-path /etc/passwd- -o -path /etc/group- -o -path /etc/shadow- -o -path /etc/gshadow-
+         -o -path /etc/subuid- -o -path /etc/subgid-'
+# shellcheck disable=SC2086
+find / -xdev \( $PRUNE \) -prune -o \( $BACKUPS \) -printf '%p (backup)\n' \
+    -o -printf '%p %y %m %u:%g %s %l\n' | sort
+section "file contents"
+# shellcheck disable=SC2086
+find / -xdev \( $PRUNE \) -prune -o \( $BACKUPS \) -prune -o -type f -print0 | xargs -0 sha256sum | sort -k2
