@@ -91,7 +91,7 @@ notes:
   - Needs the C(ipset) command and C(unshare) (util-linux) on the node, and root.
   - Supports check mode and diff mode.
 author:
-  - ztmesh contributors
+  - ztmesh contributors (@ztmesh)
 """
 
 EXAMPLES = r"""

@@ -72,7 +72,7 @@ notes:
   - Needs root, the iptables tools of the backend and C(unshare) (util-linux) on the node.
   - Supports check mode and diff mode (the diff shows the owned chains and jumps in iptables-save form).
 author:
-  - ztmesh contributors
+  - ztmesh contributors (@ztmesh)
 """
 
 EXAMPLES = r"""

@@ -122,7 +122,7 @@ notes:
   - Needs root and pyroute2 on the node.
   - Supports check mode and diff mode.
 author:
-  - ztmesh contributors
+  - ztmesh contributors (@ztmesh)
 """
 
 EXAMPLES = r"""
