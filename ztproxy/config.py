@@ -1,22 +1,33 @@
-"""Proxy settings: every default of ztproxy lives in this module (as ztunnel keeps them in config.rs).
+"""Proxy settings: every setting of ``ztproxy run`` and its default live in this module (as ztunnel keeps
+them in config.rs): the data plane, the DNS proxy, the admin/metrics/readiness servers, the access log,
+online certificate renewal and revocation.
 
-The settings file is YAML. Each key is validated; an error names the key, the bad value and what is
-expected, so an operator can fix the file without reading code. See docs/ztproxy.md for the reference.
+The settings file is YAML: flat keys for the data plane, plus the sections ``listen`` (every address
+ztproxy binds), ``dns``, ``access_log``, ``ca`` and ``revocation``. Each key is validated; an error names
+the key, the bad value and what is expected, so an operator can fix the file without reading code.
+Unknown keys are errors. See docs/ztproxy.md for the reference.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import yaml
+
+from ztproxy.identity.pki import DEFAULT_CA_PORT, DEFAULT_CERT_TTL, DEFAULT_RENEW_FRACTION, MAX_CERT_TTL
 
 # Ports of ztunnel (docs/ztproxy.md, DESIGN 3.1).
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
 HBONE_PORT = 15008
+DNS_PORT = 15053
+ADMIN_PORT = 15000
+METRICS_PORT = 15020
+READINESS_PORT = 15021
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_MESH_STATE = "/etc/ztproxy/mesh-state.yaml"
@@ -46,6 +57,16 @@ DEFAULT_LOG_FORMAT = "text"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
+# DNS proxy. The upstreams come from the node's ORIGINAL resolv.conf (ztmesh never rewrites it).
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+DEFAULT_DNS_DOMAIN = "cluster.local"
+DNS_UPSTREAM_PORT = 53
+
+# Access log: None sends the lines through the proxy's own log handler and format.
+ACCESS_LOG_FORMATS = ("text", "json")
+
+Address = Tuple[str, int]
+
 
 class ConfigError(Exception):
     """A settings file that cannot be used; the message says which key and what to write instead."""
@@ -53,11 +74,61 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ListenSettings:
-    outbound: Optional[Tuple[str, int]] = ("0.0.0.0", OUTBOUND_PORT)
-    inbound: Optional[Tuple[str, int]] = ("0.0.0.0", HBONE_PORT)
-    inbound_plaintext: Optional[Tuple[str, int]] = ("0.0.0.0", INBOUND_PLAINTEXT_PORT)
-    # IP_TRANSPARENT on the listeners: needed for TPROXY capture (needs CAP_NET_ADMIN).
+    """Every address ztproxy listens on; None disables that listener or server."""
+
+    outbound: Optional[Address] = ("0.0.0.0", OUTBOUND_PORT)
+    inbound: Optional[Address] = ("0.0.0.0", HBONE_PORT)
+    inbound_plaintext: Optional[Address] = ("0.0.0.0", INBOUND_PLAINTEXT_PORT)
+    # IP_TRANSPARENT on the data-plane listeners: needed for TPROXY capture (needs CAP_NET_ADMIN).
     transparent: bool = True
+    dns: Optional[Address] = ("0.0.0.0", DNS_PORT)  # UDP and TCP
+    # The admin server can stop the proxy (/quitquitquit): loopback only, as ztunnel.
+    admin: Optional[Address] = ("127.0.0.1", ADMIN_PORT)
+    metrics: Optional[Address] = ("0.0.0.0", METRICS_PORT)
+    readiness: Optional[Address] = ("0.0.0.0", READINESS_PORT)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    # Empty: the nameservers of resolv_conf (systemd-resolved's list when it names only its stub).
+    upstreams: Tuple[Address, ...] = ()
+    resolv_conf: str = DEFAULT_RESOLV_CONF  # the node's ORIGINAL resolv.conf
+    search_domains: Optional[Tuple[str, ...]] = None  # None: the resolv.conf 'search' line
+    domain: str = DEFAULT_DNS_DOMAIN  # mesh names are <name>.<namespace>.svc.<domain>
+
+
+@dataclass(frozen=True)
+class AccessLogSettings:
+    format: Optional[str] = None  # None: through the proxy's log handler; text/json: own handler (stderr)
+    log_open: bool = False  # also a line when a connection opens, not only when it ends
+
+
+@dataclass(frozen=True)
+class CaSettings:
+    """Online renewal from the mesh CA (docs/identity.md). No address: certificates are renewed by Ansible
+    (ztmesh_cert) only."""
+
+    addresses: Tuple[Address, ...] = ()  # host:port of signing services (or istiod), tried in random order
+    # How the CA's server certificate is recognised: its SPIFFE ID (default: ztmesh's signing service,
+    # spiffe://<trust_domain>/ns/ztmesh-system/sa/ztmesh-ca), or a DNS name (istiod.istio-system.svc).
+    identity: Optional[str] = None
+    server_name: Optional[str] = None
+    token_file: Optional[str] = None  # bearer token sent to the CA (istiod authenticates with one)
+    cert_ttl: int = DEFAULT_CERT_TTL  # lifetime asked for, seconds
+    renew_fraction: float = DEFAULT_RENEW_FRACTION  # renew when this part of the lifetime has passed
+
+
+@dataclass(frozen=True)
+class RevocationSettings:
+    """Certificates refused at every HBONE handshake before they expire (docs/identity.md). CRLs must be
+    signed by a CA certificate of the trust bundle."""
+
+    deny_list: Optional[str] = None  # YAML: serials, spiffeIds, nodes; a missing file denies nothing
+    crls: Tuple[str, ...] = ()  # CRL files, PEM or DER
+
+    @property
+    def enabled(self) -> bool:
+        return self.deny_list is not None or bool(self.crls)
 
 
 @dataclass(frozen=True)
@@ -85,6 +156,10 @@ class Settings:
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
     log_level: str = DEFAULT_LOG_LEVEL
     log_format: str = DEFAULT_LOG_FORMAT
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
+    ca: CaSettings = field(default_factory=CaSettings)
+    revocation: RevocationSettings = field(default_factory=RevocationSettings)
 
     def identity_dir(self, namespace: str, service_account: str) -> str:
         return os.path.join(self.certs_dir, namespace, service_account)
@@ -153,7 +228,36 @@ def _choice(*choices: str) -> Checker:
     return check
 
 
-def _listen_address(key: str, value: Any) -> Optional[Tuple[str, int]]:
+def _optional(checker: Checker) -> Checker:
+    """``checker``, or null (None) for "not set"."""
+
+    def check(key: str, value: Any) -> Any:
+        return None if value is None else checker(key, value)
+
+    return check
+
+
+def _fraction(low: float, high: float) -> Checker:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise _fail(key, value, f"a number from {low:g} to {high:g}")
+        return float(value)
+
+    return check
+
+
+def _list_of(item: Checker, expected: str) -> Checker:
+    """A YAML list whose items ``item`` checks; the error names the item (``key[2]``)."""
+
+    def check(key: str, value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise _fail(key, value, f"a list of {expected}")
+        return tuple(item(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+    return check
+
+
+def _listen_address(key: str, value: Any) -> Optional[Address]:
     """'HOST:PORT' (IPv6 as '[::]:PORT'); null disables the listener."""
     if value is None:
         return None
@@ -164,6 +268,61 @@ def _listen_address(key: str, value: Any) -> Optional[Tuple[str, int]]:
         return parse_host_port(value, allow_zero=True)
     except ValueError:
         raise _fail(key, value, expected) from None
+
+
+def _dns_upstream(key: str, value: Any) -> Address:
+    """'IP', 'IP:PORT', '[IPv6]' or '[IPv6]:PORT' (port 53 when omitted)."""
+    expected = "a nameserver 'IP' or 'IP:PORT' (IPv6 as '[IP]:PORT'), port 53 when omitted"
+    if not isinstance(value, str):
+        raise _fail(key, value, expected)
+    text = value.strip()
+    try:
+        if text.startswith("[") and text.endswith("]"):
+            text = f"{text}:{DNS_UPSTREAM_PORT}"
+        elif not text.startswith("[") and text.count(":") != 1:
+            text = f"[{text}]:{DNS_UPSTREAM_PORT}" if ":" in text else f"{text}:{DNS_UPSTREAM_PORT}"
+        return parse_host_port(text)
+    except ValueError:
+        raise _fail(key, value, expected) from None
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _dns_name(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _HOSTNAME.match(value):
+        raise _fail(key, value, "a DNS name such as 'cluster.local'")
+    return value.rstrip(".")
+
+
+def _ca_address(key: str, value: Any) -> Address:
+    """'HOST:PORT' with HOST an IP or a DNS name (istiod.istio-system.svc); port 15012 when omitted."""
+    expected = f"'HOST:PORT' (IPv6 as '[IP]:PORT'; port {DEFAULT_CA_PORT} when omitted)"
+    if not isinstance(value, str):
+        raise _fail(key, value, expected)
+    text = value.strip()
+    bare_host = ":" not in text if not text.startswith("[") else text.endswith("]")
+    if bare_host:
+        text = f"{text}:{DEFAULT_CA_PORT}"
+    try:
+        return parse_host_port(text)
+    except ValueError:
+        pass
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and 1 <= int(port) <= 65535 and _HOSTNAME.match(host):
+        return host, int(port)
+    raise _fail(key, value, expected)
+
+
+def _spiffe_id(key: str, value: Any) -> str:
+    expected = "a SPIFFE ID spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    if not isinstance(value, str):
+        raise _fail(key, value, expected)
+    parts = value[len("spiffe://"):].split("/") if value.startswith("spiffe://") else []
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa" or not all(parts[i] for i in (0, 2, 4)):
+        raise _fail(key, value, expected)
+    return value
 
 
 def parse_host_port(text: str, allow_zero: bool = False) -> Tuple[str, int]:
@@ -184,13 +343,6 @@ def parse_host_port(text: str, allow_zero: bool = False) -> Tuple[str, int]:
         raise ValueError(text)
     return str(ip), port
 
-
-_LISTEN_KEYS: Dict[str, Checker] = {
-    "outbound": _listen_address,
-    "inbound": _listen_address,
-    "inbound_plaintext": _listen_address,
-    "transparent": _bool,
-}
 
 _TOP_KEYS: Dict[str, Checker] = {
     "node_name": _string,
@@ -217,9 +369,81 @@ _TOP_KEYS: Dict[str, Checker] = {
     "log_format": _choice(*LOG_FORMATS),
 }
 
+# Sections: the dataclass each builds and the checker of each of its keys.
+_SECTIONS: Dict[str, Tuple[Type[Any], Dict[str, Checker]]] = {
+    "listen": (ListenSettings, {
+        "outbound": _listen_address,
+        "inbound": _listen_address,
+        "inbound_plaintext": _listen_address,
+        "transparent": _bool,
+        "dns": _listen_address,
+        "admin": _listen_address,
+        "metrics": _listen_address,
+        "readiness": _listen_address,
+    }),
+    "dns": (DnsSettings, {
+        "upstreams": _list_of(_dns_upstream, "nameservers such as ['192.0.2.53', '[2001:db8::53]:53']"),
+        "resolv_conf": _path,
+        "search_domains": _optional(_list_of(_dns_name, "domains such as ['corp.example']")),
+        "domain": _dns_name,
+    }),
+    "access_log": (AccessLogSettings, {
+        "format": _optional(_choice(*ACCESS_LOG_FORMATS)),
+        "log_open": _bool,
+    }),
+    "ca": (CaSettings, {
+        "addresses": _list_of(_ca_address, f"CA addresses such as ['10.0.0.5:{DEFAULT_CA_PORT}']"),
+        "identity": _optional(_spiffe_id),
+        "server_name": _optional(_dns_name),
+        "token_file": _optional(_path),
+        "cert_ttl": _int_range(600, MAX_CERT_TTL),
+        "renew_fraction": _fraction(0.1, 0.9),
+    }),
+    "revocation": (RevocationSettings, {
+        "deny_list": _optional(_path),
+        "crls": _list_of(_path, "absolute paths of CRL files"),
+    }),
+}
+
 
 def _unknown_key(key: str, known) -> ConfigError:
     return ConfigError(f"settings key '{key}' is unknown; known keys: {', '.join(sorted(known))}")
+
+
+def _section(name: str, raw: Any) -> Any:
+    cls, checkers = _SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _fail(name, raw, f"a mapping with the keys {', '.join(checkers)}")
+    values: Dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in checkers:
+            raise _unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in checkers])
+        values[key] = checkers[key](f"{name}.{key}", value)
+    return cls(**values)
+
+
+def _check_consistency(settings: Settings) -> None:
+    """Rules that involve several keys."""
+    if settings.stream_window > settings.connection_window:
+        raise ConfigError(f"settings key 'stream_window': {settings.stream_window} is larger than "
+                          f"'connection_window' ({settings.connection_window}): expected at most that")
+    listen = settings.listen
+    bound: Dict[Address, str] = {}
+    for name in ("outbound", "inbound", "inbound_plaintext", "dns", "admin", "metrics", "readiness"):
+        address = getattr(listen, name)
+        if address is None or address[1] == 0:
+            continue
+        if address in bound:
+            raise ConfigError(f"settings key 'listen.{name}': {address[0]}:{address[1]} is also "
+                              f"'listen.{bound[address]}': expected a different port for each listener")
+        bound[address] = name
+    dns = listen.dns
+    for i, upstream in enumerate(settings.dns.upstreams):
+        if dns is not None and upstream[1] == dns[1] and upstream[0] in (dns[0], "127.0.0.1", "::1"):
+            raise ConfigError(f"settings key 'dns.upstreams[{i}]': {upstream[0]}:{upstream[1]} is the "
+                              "DNS proxy's own address: expected the node's real nameservers")
 
 
 def settings_from_dict(data: Any) -> Settings:
@@ -228,27 +452,40 @@ def settings_from_dict(data: Any) -> Settings:
         raise ConfigError(f"the settings file must be a YAML mapping of keys, got {type(data).__name__}")
     values: Dict[str, Any] = {}
     for key, raw in data.items():
-        if key == "listen":
-            continue
-        if key not in _TOP_KEYS:
-            raise _unknown_key(str(key), list(_TOP_KEYS) + ["listen"])
-        values[key] = _TOP_KEYS[key](key, raw)
+        if key in _SECTIONS:
+            values[key] = _section(key, raw)
+        elif key in _TOP_KEYS:
+            values[key] = _TOP_KEYS[key](key, raw)
+        else:
+            raise _unknown_key(str(key), list(_TOP_KEYS) + list(_SECTIONS))
     if "node_name" not in values:
         raise ConfigError("settings key 'node_name' is required: the name of this node as the mesh "
                           "state's workloads give it in their 'node' field")
-    listen_raw = data.get("listen", {}) or {}
-    if not isinstance(listen_raw, dict):
-        raise _fail("listen", listen_raw, "a mapping with outbound, inbound, inbound_plaintext, transparent")
-    listen_values = {}
-    for key, raw in listen_raw.items():
-        if key not in _LISTEN_KEYS:
-            raise _unknown_key(f"listen.{key}", [f"listen.{k}" for k in _LISTEN_KEYS])
-        listen_values[key] = _LISTEN_KEYS[key](f"listen.{key}", raw)
-    settings = Settings(listen=ListenSettings(**listen_values), **values)
-    if settings.stream_window > settings.connection_window:
-        raise ConfigError(f"settings key 'stream_window': {settings.stream_window} is larger than "
-                          f"'connection_window' ({settings.connection_window}): expected at most that")
+    settings = Settings(**values)
+    _check_consistency(settings)
     return settings
+
+
+def settings_to_dict(settings: Settings) -> Dict[str, Any]:
+    """Settings as the file would spell them (addresses as 'IP:PORT'), e.g. for the admin config dump."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+                and isinstance(value[1], int) and not isinstance(value[1], bool):
+            host, port = value
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    out: Dict[str, Any] = {}
+    for name in Settings.__dataclass_fields__:
+        value = getattr(settings, name)
+        if name in _SECTIONS:
+            out[name] = {key: plain(getattr(value, key)) for key in _SECTIONS[name][1]}
+        else:
+            out[name] = plain(value)
+    return out
 
 
 def load_settings(path: str) -> Settings:

@@ -104,8 +104,7 @@ def node_image() -> str:
 def test_molecule_scenario(scenario: str, node_image: str) -> None:
     scenario_dir = MOLECULE_DIR / scenario
     assert (scenario_dir / "molecule.yml").is_file(), (
-        f"{scenario_dir} is not a molecule scenario (no molecule.yml); shared files belong in "
-        f"molecule/shared"
+        f"{scenario_dir} is not a molecule scenario (no molecule.yml); shared files belong in molecule/shared"
     )
     molecule = VENV_BIN / "molecule"
     assert molecule.is_file(), f"{molecule} is missing: install the test extras into .venv"
