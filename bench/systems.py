@@ -285,7 +285,7 @@ class Haproxy(System):
     def start(self) -> None:
         pki = self.pki
         for side in ("client", "server"):
-            lines = ["global", "  nbthread 1", "  maxconn 20000", "  log stderr local0 err",
+            lines = ["global", "  nbthread 1", "  maxconn 8000", "  log stderr local0 err",
                      "  ssl-default-bind-options ssl-min-ver TLSv1.3",
                      "  ssl-default-server-options ssl-min-ver TLSv1.3",
                      "defaults", "  mode tcp", "  timeout connect 10s", "  timeout client 120s",

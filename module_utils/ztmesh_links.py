@@ -96,14 +96,28 @@ def find_link(ipr, ifname: str):
         raise
 
 
+def nested_attr(msg, *path: str):
+    """The netlink attribute at ``path`` (None when any level is missing).
+
+    Only ``get_attr`` is used: it behaves the same in every pyroute2 the nodes have (0.6 on Ubuntu
+    22.04, 0.7 on Debian 12 and RHEL 9, 0.9 from PyPI), whereas ``msg.get("IFLA_...")`` and tuple
+    paths look attributes up only in pyroute2 0.8 and newer and silently return None before.
+    """
+    for name in path:
+        if msg is None:
+            return None
+        msg = msg.get_attr(name)
+    return msg
+
+
 def link_kind(link) -> Optional[str]:
     """``veth``, ``vxlan``, ``geneve``...; None for a physical device or the loopback."""
-    return link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))
+    return nested_attr(link, "IFLA_LINKINFO", "IFLA_INFO_KIND")
 
 
 def link_info_data(link) -> Dict[str, object]:
     """IFLA_INFO_DATA attributes (the kind-specific settings) as a plain dict."""
-    data = link.get(("IFLA_LINKINFO", "IFLA_INFO_DATA"))
+    data = nested_attr(link, "IFLA_LINKINFO", "IFLA_INFO_DATA")
     if not data:
         return {}
     return {name: value for name, value in data.get("attrs", []) if name != "UNKNOWN"}
@@ -117,7 +131,7 @@ def is_up(link) -> bool:
 def ipv4_addresses(ipr, index: int) -> List[str]:
     """IPv4 addresses of a link as sorted ``a.b.c.d/len`` strings."""
     return sorted(
-        f"{msg.get('IFA_ADDRESS') if msg.get('IFA_LOCAL') is None else msg.get('IFA_LOCAL')}"
+        f"{msg.get_attr('IFA_ADDRESS') if msg.get_attr('IFA_LOCAL') is None else msg.get_attr('IFA_LOCAL')}"
         f"/{msg['prefixlen']}"
         for msg in ipr.get_addr(index=index, family=socket.AF_INET)
     )

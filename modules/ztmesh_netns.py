@@ -232,11 +232,11 @@ def observe(host_ipr, ns_ipr, want: dict) -> dict:
             "host_kind": None if host is None else link_kind(host) or "physical",
             "paired": _paired(host, peer)}
     if host is not None:
-        veth.update(host_ifindex=host["index"], host_up=is_up(host), mtu=host.get("IFLA_MTU"),
+        veth.update(host_ifindex=host["index"], host_up=is_up(host), mtu=host.get_attr("IFLA_MTU"),
                     host_addresses=ipv4_addresses(host_ipr, host["index"]))
     if peer is not None:
         veth.update(peer_ifindex=peer["index"], peer_kind=link_kind(peer) or "physical", peer_up=is_up(peer),
-                    peer_mtu=peer.get("IFLA_MTU"), peer_addresses=ipv4_addresses(ns_ipr, peer["index"]))
+                    peer_mtu=peer.get_attr("IFLA_MTU"), peer_addresses=ipv4_addresses(ns_ipr, peer["index"]))
     state["veth"] = veth
     return state
 
@@ -245,7 +245,7 @@ def _paired(host, peer) -> bool:
     """Both ends exist, are veths, and point at each other (IFLA_LINK holds the peer's ifindex)."""
     if host is None or peer is None or link_kind(host) != "veth" or link_kind(peer) != "veth":
         return False
-    return host.get("IFLA_LINK") == peer["index"] and peer.get("IFLA_LINK") == host["index"]
+    return host.get_attr("IFLA_LINK") == peer["index"] and peer.get_attr("IFLA_LINK") == host["index"]
 
 
 def public_veth(veth: dict) -> dict:

@@ -283,7 +283,7 @@ def observe(ipr, name: str) -> dict:
         "port": data.get(names["port"]) if names else None,
         "address": addresses[0] if len(addresses) == 1 else None,
         "addresses": addresses,
-        "mtu": link.get("IFLA_MTU"),
+        "mtu": link.get_attr("IFLA_MTU"),
         "link_state": "up" if is_up(link) else "down",
         "ifindex": link["index"],
     }

@@ -8,7 +8,7 @@ import logging
 import signal
 import socket
 import time
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from ztproxy.certs import CertError, CertStore, load_trust_bundle
 from ztproxy.config import Settings
@@ -53,6 +53,21 @@ def _check_socket_mark(mark: int) -> None:
                            "rely on the mark") from None
     finally:
         probe.close()
+
+
+def load_revocation(settings: Settings) -> Callable[[bytes], Optional[str]]:
+    """The revocation check of the ``revocation`` settings (deny list and CRLs, re-read when they change;
+    CRLs must be signed by a CA of the trust bundle). A file that cannot be used stops the start."""
+    from ztproxy.identity.pki import IdentityError
+    from ztproxy.identity.revocation import RevocationList
+
+    config = settings.revocation
+    try:
+        revocation = RevocationList(deny_list_path=config.deny_list, crl_paths=list(config.crls),
+                                    crl_issuer_paths=[settings.trust_bundle])
+    except IdentityError as exc:
+        raise StartupError(f"revocation: {exc}; fix the file or the 'revocation' settings") from None
+    return revocation.check
 
 
 class App:
@@ -127,6 +142,8 @@ class App:
         except CertError as exc:
             raise StartupError(str(exc)) from None
         _check_socket_mark(settings.socket_mark)
+        if settings.revocation.enabled:
+            self.certs.revocation = load_revocation(settings)
         local = self.state.local_workloads(settings.node_name)
         if not local:
             log.warning("the mesh state has no workload on node %r: nothing to proxy until it does",

@@ -5,6 +5,11 @@ Files (written by the identity component, replaced atomically on renewal):
 ``.../key.pem``, and the trust bundle (PEM, one or more roots). The CertStore re-reads them when they
 change: new TLS connections use the new certificate, open ones keep theirs; a bad new certificate is
 reported and the previous valid one stays in use.
+
+Revocation: a CertStore may carry a ``revocation`` check (ztproxy.identity.revocation, from the
+``revocation`` settings). Every TLS context it builds refers back to the store, and ``tls_problem``,
+which both HBONE ends call right after the handshake, refuses a peer whose certificate the check names,
+so a revoked certificate is refused before any HTTP/2 byte, on the server and on the client side.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -31,6 +36,9 @@ ALLOWED_CIPHERS = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384")
 ALPN = "h2"
 CERT_CHAIN_FILE = "cert-chain.pem"
 KEY_FILE = "key.pem"
+
+# Why a peer certificate (DER) must be refused before it expires, or None (RevocationList.check).
+RevocationCheck = Callable[[bytes], Optional[str]]
 
 
 class CertError(Exception):
@@ -179,9 +187,18 @@ def validate_identity(files: IdentityFiles, bundle_path: str, expected_id: str,
     return _utc_bounds(leaf)[1]
 
 
-def _base_context(purpose: ssl.Purpose, files: IdentityFiles, bundle_path: str) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH
-                         else ssl.PROTOCOL_TLS_CLIENT)
+class HboneContext(ssl.SSLContext):
+    """An SSLContext that knows how to check the peer certificates it accepts for revocation (the ssl
+    module verifies chains and validity but has no revocation hook for our deny list and CRLs)."""
+
+    peer_check: Optional[RevocationCheck] = None
+
+
+def _base_context(purpose: ssl.Purpose, files: IdentityFiles, bundle_path: str,
+                  peer_check: Optional[RevocationCheck] = None) -> ssl.SSLContext:
+    ctx = HboneContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH
+                       else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.peer_check = peer_check
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     # SPIFFE identities are checked on the URI SAN after the handshake, not as host names.
@@ -209,6 +226,14 @@ def tls_problem(ssl_object: ssl.SSLObject) -> Optional[str]:
         return f"cipher suite {cipher} (allowed: {', '.join(ALLOWED_CIPHERS)})"
     if ssl_object.selected_alpn_protocol() != ALPN:
         return f"ALPN {ssl_object.selected_alpn_protocol()!r} ('h2' required)"
+    peer_check = getattr(ssl_object.context, "peer_check", None)
+    if peer_check is not None:
+        der = ssl_object.getpeercert(binary_form=True)
+        if not der:
+            return "the peer presented no certificate"
+        reason = peer_check(der)
+        if reason is not None:
+            return f"peer certificate refused: {reason}"
     return None
 
 
@@ -240,9 +265,12 @@ class IdentityContexts:
 class CertStore:
     """TLS contexts per local identity, rebuilt when the certificate files change."""
 
-    def __init__(self, certs_dir: str, bundle_path: str) -> None:
+    def __init__(self, certs_dir: str, bundle_path: str,
+                 revocation: Optional[RevocationCheck] = None) -> None:
         self.certs_dir = certs_dir
         self.bundle_path = bundle_path
+        # Set (or replaced) at any time: contexts built earlier consult it through check_peer().
+        self.revocation = revocation
         self._entries: Dict[str, IdentityContexts] = {}
         self._signatures: Dict[str, tuple] = {}
         self._failed: Dict[str, tuple] = {}
@@ -263,13 +291,23 @@ class CertStore:
         signature = self._signature(files)
         expires = validate_identity(files, self.bundle_path, identity)
         try:
-            client = _base_context(ssl.Purpose.SERVER_AUTH, files, self.bundle_path)
-            server = _base_context(ssl.Purpose.CLIENT_AUTH, files, self.bundle_path)
+            client = _base_context(ssl.Purpose.SERVER_AUTH, files, self.bundle_path, self.check_peer)
+            server = _base_context(ssl.Purpose.CLIENT_AUTH, files, self.bundle_path, self.check_peer)
         except (ssl.SSLError, OSError) as exc:
             raise CertError(f"cannot load {files.cert_chain} / {files.key} into TLS: {exc}") from None
         self._generation += 1
         self._signatures[identity] = signature
         return IdentityContexts(identity, client, server, expires, self._generation)
+
+    def check_peer(self, der: bytes) -> Optional[str]:
+        """Why the peer certificate ``der`` is revoked, or None (also None without a revocation check)."""
+        if self.revocation is None:
+            return None
+        try:
+            return self.revocation(der)
+        except Exception as exc:  # fail closed: a certificate we cannot check is not accepted
+            log.error("revocation check failed: %s", exc)
+            return f"its revocation status cannot be checked ({exc})"
 
     def get(self, identity: str) -> IdentityContexts:
         """The contexts for ``identity``, loading them on first use; raises CertError if unusable."""

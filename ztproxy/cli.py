@@ -1,4 +1,10 @@
-"""``ztproxy run --config FILE`` and ``ztproxy check --config FILE``."""
+"""The ``ztproxy`` command.
+
+``ztproxy run --config FILE`` serves the whole node proxy (ztproxy.wiring.ProxyNode: data plane, policy,
+telemetry, DNS, admin/metrics/readiness, online renewal); ``ztproxy check --config FILE`` validates the
+settings, the mesh state with its policies, the revocation files and the certificates without starting
+anything. ``ztproxy ca ...`` and ``ztproxy cert ...`` are the identity commands (ztproxy.identity.cli).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from ztproxy import __version__
 from ztproxy.certs import CertError, IdentityFiles, load_trust_bundle, validate_identity
@@ -77,8 +83,23 @@ def check(settings: Settings) -> List[str]:
         return [str(exc)]
     local = state.local_workloads(settings.node_name)
     print(f"mesh state {settings.mesh_state}: {len(state.workloads)} workload(s), {len(state.services)} "
-          f"service(s), {len(state.policies)} policies; {len(local)} workload(s) on node "
-          f"{settings.node_name}")
+          f"service(s), {len(state.policy_index)} valid authorization policies; {len(local)} workload(s) "
+          f"on node {settings.node_name}")
+    if settings.ca.addresses:
+        try:
+            import ztproxy.identity.renewer  # noqa: F401 (can online renewal run here?)
+            print(f"online renewal from {len(settings.ca.addresses)} CA address(es)")
+        except ImportError as exc:
+            problems.append(f"ca.addresses is set but online renewal cannot run: {exc}")
+    if settings.revocation.enabled:
+        from ztproxy.app import StartupError, load_revocation
+
+        try:
+            load_revocation(settings)
+            print(f"revocation: deny list {settings.revocation.deny_list or '(none)'}, "
+                  f"{len(settings.revocation.crls)} CRL(s)")
+        except StartupError as exc:
+            problems.append(str(exc))
     for workload in local:
         if workload.trust_domain != settings.trust_domain:
             problems.append(f"workload {workload.uid}: trust domain {workload.trust_domain!r} differs from "
@@ -96,12 +117,13 @@ def check(settings: Settings) -> List[str]:
 
 
 def _run(settings: Settings) -> int:
-    from ztproxy.app import App, StartupError
+    from ztproxy.app import StartupError
+    from ztproxy.wiring import ProxyNode
 
     setup_logging(settings)
     raise_open_files_limit()
     log = logging.getLogger("ztproxy")
-    app = App(settings)
+    node = ProxyNode(settings)
     uvloop = None
     if os.environ.get("ZTPROXY_EVENT_LOOP", "uvloop") == "uvloop":
         try:
@@ -110,9 +132,9 @@ def _run(settings: Settings) -> int:
             uvloop = None
     try:
         if uvloop is not None and hasattr(uvloop, "run"):
-            clean = uvloop.run(app.serve())
+            clean = uvloop.run(node.serve())
         else:
-            clean = asyncio.run(app.serve())
+            clean = asyncio.run(node.serve())
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP
@@ -120,15 +142,42 @@ def _run(settings: Settings) -> int:
     return EXIT_OK
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _add_identity_commands(commands: Any) -> None:
+    """``ca`` and ``cert`` from ztproxy.identity. They need the gRPC wire stack (protobuf); a node
+    without it still runs the proxy, and the two commands say what is missing."""
+    try:
+        from ztproxy.identity.cli import add_subcommands
+    except ImportError as exc:
+        for name in ("ca", "cert"):
+            sub = commands.add_parser(name, help=f"unavailable here: {exc}")
+            sub.add_argument("arguments", nargs=argparse.REMAINDER)
+            sub.set_defaults(unavailable=f"'ztproxy {name}' needs a missing Python package: {exc}")
+        return
+    add_subcommands(commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ztproxy",
                                      description="ztmesh node proxy (HBONE, ztunnel-compatible)")
     parser.add_argument("--version", action="version", version=f"ztproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "run the proxy"), ("check", "validate settings, mesh state and certificates")):
+    for name, text in (("run", "run the proxy"),
+                       ("check", "validate settings, mesh state, policies and certificates")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", "-c", required=True, help="proxy settings file (YAML)")
-    args = parser.parse_args(argv)
+    _add_identity_commands(commands)  # ca ..., cert ...
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("run", "check"):
+        if getattr(args, "unavailable", None):
+            print(f"ztproxy: {args.unavailable}", file=sys.stderr)
+            return EXIT_STARTUP
+        from ztproxy.identity.cli import run as run_identity_command
+
+        return run_identity_command(args)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

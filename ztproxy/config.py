@@ -433,17 +433,25 @@ def _check_consistency(settings: Settings) -> None:
     bound: Dict[Address, str] = {}
     for name in ("outbound", "inbound", "inbound_plaintext", "dns", "admin", "metrics", "readiness"):
         address = getattr(listen, name)
-        if address is None or address[1] == 0:
+        if address is None or address[1] == 0:  # port 0: the kernel picks a free one
             continue
-        if address in bound:
-            raise ConfigError(f"settings key 'listen.{name}': {address[0]}:{address[1]} is also "
-                              f"'listen.{bound[address]}': expected a different port for each listener")
+        for other, other_name in bound.items():
+            # A wildcard address (0.0.0.0, ::) takes the port on every address.
+            if other[1] == address[1] and (other[0] == address[0] or _is_wildcard(other[0])
+                                           or _is_wildcard(address[0])):
+                raise ConfigError(f"settings key 'listen.{name}': {address[0]}:{address[1]} collides with "
+                                  f"'listen.{other_name}' ({other[0]}:{other[1]}): expected a different port "
+                                  "for each listener")
         bound[address] = name
     dns = listen.dns
     for i, upstream in enumerate(settings.dns.upstreams):
         if dns is not None and upstream[1] == dns[1] and upstream[0] in (dns[0], "127.0.0.1", "::1"):
             raise ConfigError(f"settings key 'dns.upstreams[{i}]': {upstream[0]}:{upstream[1]} is the "
                               "DNS proxy's own address: expected the node's real nameservers")
+
+
+def _is_wildcard(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_unspecified
 
 
 def settings_from_dict(data: Any) -> Settings:

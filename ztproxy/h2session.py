@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import h2.config
 import h2.connection
@@ -18,6 +18,7 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
+from ztproxy.h2frames import ZeroCopyH2Connection
 from ztproxy.pump import StreamPump
 
 log = logging.getLogger("ztproxy.h2")
@@ -66,12 +67,14 @@ class H2Limits:
         self.max_concurrent_streams = max_concurrent_streams
 
 
-class H2Session(asyncio.Protocol):
+class H2Session(asyncio.BufferedProtocol):
+    """An HTTP/2 connection; a BufferedProtocol so TLS decrypts straight into the frame reader."""
+
     client_side = False
 
     def __init__(self, limits: H2Limits) -> None:
         config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = ZeroCopyH2Connection(config=config)
         self.conn.state_machine = _DrainableStateMachine()
         self.limits = limits
         self.transport: Optional[asyncio.Transport] = None
@@ -80,7 +83,6 @@ class H2Session(asyncio.Protocol):
         self.closed = False
         self.goaway_received = False
         self.goaway_sent = False
-        self._early: List[bytes] = []
         self._started = False
         self.close_reason: Optional[str] = None
 
@@ -114,10 +116,9 @@ class H2Session(asyncio.Protocol):
         if extra > 0:
             self.conn.increment_flow_control_window(extra)
         self.flush()
-        for data in self._early:
-            self.data_received(data)
-        self._early.clear()
         self.session_started()
+        if self.conn.incoming_buffer.buffered:
+            self._receive()
 
     def check_peer(self, transport: asyncio.BaseTransport) -> Optional[str]:
         """Subclasses verify the TLS peer here; a returned reason aborts the connection."""
@@ -127,17 +128,30 @@ class H2Session(asyncio.Protocol):
         pass
 
     def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        pieces = self.conn.take_output()
+        if pieces and self.transport is not None and not self.transport.is_closing():
+            # Large DATA payloads are separate pieces (no copy); TLS encrypts each in turn.
+            self.transport.writelines(pieces)
+
+    # -- receiving: the transport fills the frame reader's memory (BufferedProtocol) -----------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.incoming_buffer.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.incoming_buffer.commit(nbytes)
+        if self._started:  # bytes that come before the session starts wait in the reader
+            self._receive()
 
     def data_received(self, data: bytes) -> None:
-        if not self._started:
-            # start_tls can deliver application data before we take over the transport.
-            self._early.append(data)
-            return
+        """For transports that do not fill buffers themselves (and for tests)."""
+        self.conn.incoming_buffer.add_data(data)
+        if self._started:
+            self._receive()
+
+    def _receive(self) -> None:
         try:
-            events = self.conn.receive_data(data)
+            events = self.conn.receive_data(b"")
         except h2.exceptions.ProtocolError as exc:
             log.warning("HTTP/2 protocol error from %s: %s", self.peername(), exc)
             self.flush()  # h2 queued a GOAWAY

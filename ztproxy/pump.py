@@ -18,9 +18,10 @@ Half-close travels both ways: TCP EOF -> END_STREAM, END_STREAM -> shutdown(SHUT
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Deque, List, Optional
 
 import h2.errors
 import h2.exceptions
@@ -46,7 +47,7 @@ class StreamPump(asyncio.Protocol):
         self.stream_id = 0
         self.tcp: Optional[asyncio.Transport] = None
         self._transport: Optional[asyncio.BaseTransport] = None
-        self._pending: Optional[memoryview] = None  # TCP bytes waiting for HTTP/2 window
+        self._pending: Deque[memoryview] = collections.deque()  # TCP bytes waiting for HTTP/2 window
         self._early: List[bytes] = []  # HTTP/2 data that arrived before the TCP side was connected
         self._unacked = 0
         self._tcp_write_blocked = False
@@ -97,10 +98,7 @@ class StreamPump(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._count_tcp_in(len(data))
-        if self._pending:
-            self._pending = memoryview(bytes(self._pending) + data)
-        else:
-            self._pending = memoryview(data)
+        self._pending.append(memoryview(data))
         if not self._active:
             # Python < 3.12 may read before the stream is up despite the pause in connection_made.
             self._transport.pause_reading()  # type: ignore[union-attr]
@@ -204,18 +202,21 @@ class StreamPump(asyncio.Protocol):
                 window = conn.local_flow_control_window(self.stream_id)
                 if window <= 0:
                     break
-                n = min(window, conn.max_outbound_frame_size, len(pending))
-                # The usual case sends a whole read as one frame: hand h2 the bytes object itself.
-                chunk = pending.obj if n == len(pending) == len(pending.obj) else pending[:n].tobytes()
+                chunk = pending[0]
+                n = min(window, conn.max_outbound_frame_size, len(chunk))
+                # Usually a whole read becomes one frame; h2frames passes the buffer on without a copy.
+                if n == len(chunk):
+                    pending.popleft()
+                else:
+                    pending[0] = chunk[n:]
+                    chunk = chunk[:n]
                 conn.send_data(self.stream_id, chunk)
-                pending = pending[n:]
-            self._pending = pending if pending else None
-            if self._pending is None and self._tcp_eof:
+            if not pending and self._tcp_eof:
                 conn.end_stream(self.stream_id)
                 self._end_sent = True
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
             log.debug("stream %d: send failed: %s", self.stream_id, exc)
-            self._pending = None
+            pending.clear()
         session.flush()
         self._update_reading()
         self._maybe_close()
@@ -256,7 +257,7 @@ class StreamPump(asyncio.Protocol):
         if self._finished:
             return
         self._finished = True
-        self._pending = None
+        self._pending.clear()
         if self.session is not None:
             self.session.stream_finished(self.stream_id)
         self.tracker.closed(error)

@@ -10,8 +10,15 @@ Metric names, labels and the "unknown" default are ztunnel's (``src/proxy/metric
 definitions for both reporters, as the data plane's trackers report them (ztproxy.pump):
 ``add_received(n)`` is the request direction, bytes received from the connection's client
 (``istio_tcp_received_bytes_total``); ``add_sent(n)`` the response direction, bytes sent back to the
-client (``istio_tcp_sent_bytes_total``). The access log's ``bytes_recv``/``bytes_sent`` are the same
-two numbers.
+client (``istio_tcp_sent_bytes_total``). So for ``reporter="source"`` the received counter holds what
+the source workload sent: Istio keeps request/response semantics for both reporters
+(istio/istio#32399) and ztunnel's copy loop does the same. The access log, like ztunnel's, speaks from
+the reporting workload's side instead: on the destination side ``bytes_recv`` is the request and
+``bytes_sent`` the response; on the source side the two are swapped (the source sent the request).
+
+A connection that ends with an error is counted in ``istio_tcp_connections_failed_total`` too. Its close
+carries ztunnel's ``response_flags``: ``DENY`` for an authorization denial (``closed(reason, "DENY")``),
+``-`` otherwise; the open is always counted with ``-``, as ztunnel labels it before the outcome is known.
 
 The families are a small custom collector rather than ``prometheus_client.Counter``: that class adds a
 ``*_created`` series to every counter, which ztunnel does not expose, and resolving a labelled child on
@@ -67,6 +74,9 @@ TRAFFIC_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
+
+_RESPONSE_FLAGS_INDEX = TRAFFIC_LABELS.index("response_flags")
+RESPONSE_FLAG_DENY = "DENY"  # ztunnel's ResponseFlags::AuthorizationPolicyDenied
 
 ACCESS_LOGGER = "ztproxy.access"
 ACCESS_LOG_FORMATS = ("text", "json")
@@ -394,12 +404,13 @@ class ConnectionTracker:
             self.bytes_sent += n
             self._response_cell.value += n
 
-    def closed(self, error: Optional[str] = None) -> None:
-        """The connection ended; ``error`` says why when it failed or was denied. Later calls are ignored."""
+    def closed(self, error: Optional[str] = None, response_flags: Optional[str] = None) -> None:
+        """The connection ended; ``error`` says why when it failed or was denied, ``response_flags``
+        (ztunnel's, e.g. ``DENY``) labels the close. Later calls are ignored."""
         if self._closed:
             return
         self._closed = True
-        self._telemetry._finish(self, error)
+        self._telemetry._finish(self, error, response_flags)
 
 
 class Telemetry:
@@ -429,10 +440,14 @@ class Telemetry:
             self.access_log.write("connection opened", self._fields(tracker, None, with_totals=False))
         return tracker
 
-    def _finish(self, tracker: ConnectionTracker, error: Optional[str]) -> None:
-        self.metrics.closed.inc(tracker.labels)
+    def _finish(self, tracker: ConnectionTracker, error: Optional[str],
+                response_flags: Optional[str]) -> None:
+        labels = tracker.labels
+        if response_flags:
+            labels = labels[:_RESPONSE_FLAGS_INDEX] + (response_flags,) + labels[_RESPONSE_FLAGS_INDEX + 1:]
+        self.metrics.closed.inc(labels)
         if error:
-            self.metrics.failed.inc(tracker.labels)
+            self.metrics.failed.inc(labels)
         event = "connection failed" if error else "connection complete"
         level = logging.WARNING if error else logging.INFO
         self.access_log.write(event, self._fields(tracker, error, with_totals=True), level)
@@ -453,8 +468,10 @@ class Telemetry:
             "protocol": ctx.protocol,
         }
         if with_totals:
-            fields["bytes_recv"] = tracker.bytes_received
-            fields["bytes_sent"] = tracker.bytes_sent
+            # From the reporting workload's side, as ztunnel logs it: the source sent the request.
+            source_side = ctx.reporter == "source"
+            fields["bytes_recv"] = tracker.bytes_sent if source_side else tracker.bytes_received
+            fields["bytes_sent"] = tracker.bytes_received if source_side else tracker.bytes_sent
             fields["duration_ms"] = round((self.clock() - tracker.started) * 1000.0, 3)
             fields["error"] = error or None
         return fields

@@ -1,8 +1,11 @@
 """A whole ztproxy node: the data plane (ztproxy.app.App) built with authorization and telemetry, plus
-the DNS proxy and the admin, metrics and readiness servers.
+the DNS proxy, the admin, metrics and readiness servers and, when the settings name a CA, the online
+certificate renewer. This is what ``ztproxy run`` serves.
 
-    node = ProxyNode(settings, NodeServices.from_dict(raw.get("services", {})))
+    node = ProxyNode(load_settings(path))
     clean = await node.serve()      # until SIGTERM/SIGINT or POST /quitquitquit, then drain
+
+Every setting comes from ztproxy.config.Settings (one settings file, one config module).
 
 Start order is chosen for the readiness probe: the metrics and readiness servers come up first (and
 answer 503), then the data plane, then DNS and admin; readiness turns 200 only when the mesh state and
@@ -15,35 +18,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from ztproxy.admin import (
-    ADMIN_ADDRESS,
-    METRICS_ADDRESS,
-    READINESS_ADDRESS,
-    HttpServer,
-    admin_routes,
-    metrics_routes,
-    readiness_routes,
-)
+from ztproxy.admin import HttpServer, admin_routes, metrics_routes, readiness_routes
 from ztproxy.app import App, StartupError
 from ztproxy.authz import MeshAuthorizer
 from ztproxy.certs import CertError, IdentityFiles
-from ztproxy.config import Settings, parse_host_port
-from ztproxy.dns import (
-    DEFAULT_DOMAIN,
-    DNS_PORT,
-    RESOLV_CONF,
-    DnsConfigError,
-    DnsMetrics,
-    DnsProxy,
-    parse_upstream,
-    read_resolv_conf,
-)
+from ztproxy.config import Settings, settings_to_dict
+from ztproxy.dns import DnsConfigError, DnsMetrics, DnsProxy, read_resolv_conf
 from ztproxy.hooks import ConnContext, Decision
 from ztproxy.telemetry import (
-    ACCESS_LOG_FORMATS,
+    RESPONSE_FLAG_DENY,
     AccessLog,
     Telemetry,
     TrafficMetrics,
@@ -54,83 +39,13 @@ from ztproxy.telemetry import (
 
 log = logging.getLogger("ztproxy")
 
-Address = Optional[Tuple[str, int]]
-
-
-class NodeServicesError(ValueError):
-    """A bad key in the services settings; the message names it and says what to write."""
-
-
-@dataclass(frozen=True)
-class NodeServices:
-    """Settings of what runs beside the data plane. Every default is ztunnel's port or behaviour."""
-
-    admin: Address = ADMIN_ADDRESS
-    metrics: Address = METRICS_ADDRESS
-    readiness: Address = READINESS_ADDRESS
-    dns: Address = ("0.0.0.0", DNS_PORT)  # None: no DNS proxy
-    dns_upstreams: Tuple[Tuple[str, int], ...] = ()  # empty: the nameservers of dns_resolv_conf
-    dns_resolv_conf: str = RESOLV_CONF  # the node's ORIGINAL resolv.conf
-    dns_search_domains: Optional[Tuple[str, ...]] = None  # None: the search line of dns_resolv_conf
-    dns_domain: str = DEFAULT_DOMAIN
-    access_log_format: Optional[str] = None  # None: through the proxy's log handler; text/json: own stream
-    access_log_open: bool = False  # also log a line when a connection opens
-
-    @classmethod
-    def from_dict(cls, data: Optional[Mapping[str, Any]]) -> NodeServices:
-        """Validate a settings mapping (keys as the field names; addresses as 'IP:PORT' or null)."""
-        data = dict(data or {})
-        values: Dict[str, Any] = {}
-        for key in ("admin", "metrics", "readiness", "dns"):
-            if key in data:
-                raw = data.pop(key)
-                try:
-                    values[key] = None if raw is None else parse_host_port(str(raw), allow_zero=True)
-                except ValueError:
-                    raise NodeServicesError(f"'{key}': {raw!r} is not 'IP:PORT' ('[IPv6]:PORT') or null") \
-                        from None
-        if "dns_upstreams" in data:
-            raw = data.pop("dns_upstreams")
-            if not isinstance(raw, list):
-                raise NodeServicesError("'dns_upstreams': expected a list such as "
-                                        "['192.0.2.53', '[2001:db8::53]:53']")
-            try:
-                values["dns_upstreams"] = tuple(parse_upstream(str(u)) for u in raw)
-            except DnsConfigError as exc:
-                raise NodeServicesError(f"'dns_upstreams': {exc}") from None
-        for key in ("dns_resolv_conf", "dns_domain"):
-            if key in data:
-                raw = data.pop(key)
-                if not isinstance(raw, str) or not raw:
-                    raise NodeServicesError(f"'{key}': expected a non-empty string, got {raw!r}")
-                values[key] = raw
-        if "dns_search_domains" in data:
-            raw = data.pop("dns_search_domains")
-            if raw is not None and (not isinstance(raw, list) or not all(isinstance(d, str) for d in raw)):
-                raise NodeServicesError("'dns_search_domains': expected a list of domains, or null to use "
-                                        "the resolv.conf search line")
-            values["dns_search_domains"] = None if raw is None else tuple(raw)
-        if "access_log_format" in data:
-            raw = data.pop("access_log_format")
-            if raw is not None and raw not in ACCESS_LOG_FORMATS:
-                raise NodeServicesError(f"'access_log_format': {raw!r} is not one of text, json (or null)")
-            values["access_log_format"] = raw
-        if "access_log_open" in data:
-            raw = data.pop("access_log_open")
-            if not isinstance(raw, bool):
-                raise NodeServicesError(f"'access_log_open': expected true or false, got {raw!r}")
-            values["access_log_open"] = raw
-        if data:
-            known = ", ".join(cls.__dataclass_fields__)
-            raise NodeServicesError(f"unknown key(s) {', '.join(sorted(map(str, data)))}; known: {known}")
-        return cls(**values)
-
 
 class RecordingAuthorizer:
     """The Authorizer handed to the data plane: decides with MeshAuthorizer and, for a denial, records the
-    connection through the observer (opened, then closed with the reason), because the data plane only
-    opens a tracker for connections it goes on to proxy. So a denied connection appears in
-    ``istio_tcp_connections_failed_total`` and in the access log with its reason, as in ztunnel."""
+    connection through the observer (opened, then closed with the reason and ztunnel's ``DENY`` response
+    flag). The data plane opens a tracker only for connections it goes on to proxy (hooks contract), so
+    this is the one place a denial is counted: once in ``istio_tcp_connections_opened_total``,
+    ``_closed_total`` and ``_failed_total``, and one access-log line with the reason, as in ztunnel."""
 
     def __init__(self, authorizer: MeshAuthorizer, telemetry: Telemetry) -> None:
         self.authorizer = authorizer
@@ -139,7 +54,7 @@ class RecordingAuthorizer:
     def authorize(self, conn: ConnContext) -> Decision:
         decision = self.authorizer.authorize(conn)
         if not decision.allowed:
-            self.telemetry.opened(conn).closed(decision.reason)
+            self.telemetry.opened(conn).closed(decision.reason, RESPONSE_FLAG_DENY)
         return decision
 
 
@@ -147,20 +62,23 @@ class ProxyNode:
     """Everything one node runs: App (ports 15001/15006/15008), DNS (15053), admin (15000), metrics
     (15020) and readiness (15021)."""
 
-    def __init__(self, settings: Settings, services: Optional[NodeServices] = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.services = services or NodeServices()
         self.registry = new_registry()
         self.traffic = TrafficMetrics(self.registry)
-        self.telemetry = Telemetry(self.traffic, AccessLog(self.services.access_log_open),
+        self.telemetry = Telemetry(self.traffic, AccessLog(settings.access_log.log_open),
                                    service_lookup_from(self.mesh_state))
+        # Follows the data plane's current mesh state (App.state): the policies of the state that routed
+        # a connection decide it, also across reloads.
         self.authorizer = MeshAuthorizer(state_provider=self.mesh_state)
         self.app = App(settings, authorizer=RecordingAuthorizer(self.authorizer, self.telemetry),
                        observer=self.telemetry)
         self.dns: Optional[DnsProxy] = None
         self.dns_bound: List[Tuple[str, int]] = []
         self.servers: Dict[str, HttpServer] = {}
+        self.renewer: Optional[asyncio.Task] = None
         self._stop: Optional[asyncio.Event] = None
+        self._renewer_stop: Optional[asyncio.Event] = None
         self._started = False
 
     # -- providers -----------------------------------------------------------------------------------
@@ -193,7 +111,7 @@ class ProxyNode:
                 self.app.certs.get(identity)
             except CertError:
                 waiting.append(f"certificate of {identity}")
-        if self.services.dns is not None and not self.dns_bound:
+        if self.settings.listen.dns is not None and not self.dns_bound:
             waiting.append("DNS proxy")
         return waiting
 
@@ -213,29 +131,32 @@ class ProxyNode:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        services = self.services
+        settings = self.settings
+        listen = settings.listen
         self._stop = asyncio.Event()
-        if services.access_log_format is not None:
-            configure_access_log(services.access_log_format)
-        for name, address, routes in (("metrics", services.metrics, metrics_routes(self.registry)),
-                                      ("readiness", services.readiness, readiness_routes(self.pending))):
+        if settings.access_log.format is not None:
+            configure_access_log(settings.access_log.format)
+        for name, address, routes in (("metrics", listen.metrics, metrics_routes(self.registry)),
+                                      ("readiness", listen.readiness, readiness_routes(self.pending))):
             if address is not None:
                 await self._serve_http(name, address, routes)
         try:
             await self.app.start()
-            if services.dns is not None:
-                await self._start_dns(services.dns)
+            if listen.dns is not None:
+                await self._start_dns(listen.dns)
+            if settings.ca.addresses:
+                self._start_renewer()
         except BaseException:
             await self.close()
             if self.app.bound:
                 await self.app.drain(0)
             raise
-        if services.admin is not None:
-            routes = admin_routes(settings=lambda: {"proxy": self.settings, "services": self.services},
+        if listen.admin is not None:
+            routes = admin_routes(settings=lambda: settings_to_dict(self.settings),
                                   mesh_state=self.mesh_state, certificates=self.certificates,
                                   on_quit=self.request_stop,
                                   extra={"policies": lambda: sorted(self.authorizer.index.by_key)})
-            await self._serve_http("admin", services.admin, routes)
+            await self._serve_http("admin", listen.admin, routes)
         self._started = True
 
     async def _serve_http(self, name: str, address: Tuple[str, int], routes: Any) -> None:
@@ -247,31 +168,65 @@ class ProxyNode:
             if self.app.bound:
                 await self.app.drain(0)
             raise StartupError(f"cannot listen on {address[0]}:{address[1]} ({name}): {exc.strerror}; "
-                               f"free the port or change the '{name}' setting") from None
+                               f"free the port or change the 'listen.{name}' setting") from None
         self.servers[name] = server
 
     async def _start_dns(self, address: Tuple[str, int]) -> None:
-        services = self.services
+        config = self.settings.dns
         try:
-            if services.dns_upstreams:
-                upstreams, search = list(services.dns_upstreams), ()
+            if config.upstreams:
+                upstreams, search = list(config.upstreams), ()
             else:
-                conf = read_resolv_conf(services.dns_resolv_conf)
+                conf = read_resolv_conf(config.resolv_conf)
                 upstreams, search = list(conf.nameservers), conf.search
         except DnsConfigError as exc:
             raise StartupError(f"DNS proxy: {exc}") from None
-        if services.dns_search_domains is not None:
-            search = services.dns_search_domains
+        if config.search_domains is not None:
+            search = config.search_domains
         if any(port == address[1] and ip in (address[0], "127.0.0.1", "::1") for ip, port in upstreams):
             raise StartupError(f"DNS proxy: an upstream ({upstreams}) is the proxy's own address {address}; "
-                               "point 'dns_resolv_conf' at the node's original resolv.conf")
+                               "point 'dns.resolv_conf' at the node's original resolv.conf")
         self.dns = DnsProxy(upstreams, DnsMetrics(self.registry), search_domains=search,
-                            domain=services.dns_domain, state_provider=self.mesh_state)
+                            domain=config.domain, state_provider=self.mesh_state)
         try:
             self.dns_bound = await self.dns.start([address])
         except OSError as exc:
             raise StartupError(f"DNS proxy: cannot listen on {address[0]}:{address[1]}: {exc.strerror}") \
                 from None
+
+    def _start_renewer(self) -> None:
+        """Online renewal (ztproxy.identity.renewer) of the node identity and of every identity the mesh
+        state places on this node; the data plane picks the new files up on its next reload tick."""
+        from ztproxy.identity.pki import IdentityError, SpiffeId
+
+        try:
+            from ztproxy.identity.renewer import RenewerSettings, run_renewer
+        except ImportError as exc:
+            raise StartupError(f"online renewal ('ca.addresses') needs a missing Python package: {exc}; "
+                               "install it or remove 'ca.addresses' to renew through Ansible only") from None
+
+        settings = self.settings
+        ca = settings.ca
+        renewer_settings = RenewerSettings(
+            certs_dir=settings.certs_dir, trust_bundle=settings.trust_bundle, ca_addresses=list(ca.addresses),
+            node_name=settings.node_name, trust_domain=settings.trust_domain, cert_ttl=ca.cert_ttl,
+            renew_fraction=ca.renew_fraction, ca_identity=ca.identity, ca_server_name=ca.server_name,
+            token_path=ca.token_file)
+
+        def identities() -> List[Any]:
+            out = []
+            for identity, _, _ in self.local_identities():
+                try:
+                    out.append(SpiffeId.parse(identity))
+                except IdentityError as exc:
+                    log.error("cannot renew %s: %s", identity, exc)
+            return out
+
+        self._renewer_stop = asyncio.Event()
+        self.renewer = asyncio.get_event_loop().create_task(
+            run_renewer(renewer_settings, identities, self._renewer_stop))
+        log.info("online certificate renewal from %s",
+                 ", ".join(f"{host}:{port}" for host, port in ca.addresses))
 
     def request_stop(self) -> None:
         """Start a graceful stop (what SIGTERM and POST /quitquitquit do)."""
@@ -279,6 +234,14 @@ class ProxyNode:
             self._stop.set()
 
     async def close(self) -> None:
+        if self.renewer is not None:
+            assert self._renewer_stop is not None
+            self._renewer_stop.set()
+            try:
+                await asyncio.wait_for(self.renewer, 5)
+            except Exception:  # a renewal in flight is abandoned: the old files stay in place
+                log.warning("certificate renewer did not stop in time", exc_info=True)
+            self.renewer = None
         if self.dns is not None:
             await self.dns.close()
         for server in list(self.servers.values()):

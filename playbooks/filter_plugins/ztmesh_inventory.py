@@ -20,16 +20,17 @@ INVENTORY_DEFAULTS: Dict[str, Any] = {
     "ztmesh_trust_domain": "cluster.local",
     "ztmesh_cluster_id": "ztmesh",
     "ztmesh_network": "",
-    "ztmesh_dns_suffix": "svc.cluster.local",
+    "ztmesh_cluster_domain": "cluster.local",
     "ztmesh_services": [],
     "ztmesh_policies": [],
     "ztmesh_workloads": [],
     "ztmesh_revoked_nodes": [],
+    "ztmesh_ca_addresses": [],
 }
 # Variables every node must see with one value (set them in group_vars, not host_vars).
 FLEET_VARIABLES = (
-    "ztmesh_trust_domain", "ztmesh_cluster_id", "ztmesh_network", "ztmesh_dns_suffix",
-    "ztmesh_services", "ztmesh_policies", "ztmesh_revoked_nodes",
+    "ztmesh_trust_domain", "ztmesh_cluster_id", "ztmesh_network", "ztmesh_cluster_domain",
+    "ztmesh_services", "ztmesh_policies", "ztmesh_revoked_nodes", "ztmesh_ca_addresses",
 )
 WORKLOAD_KINDS = ("host", "contained")
 PROTOCOLS = ("HBONE", "TCP")
@@ -298,7 +299,7 @@ def _service_ports(where: _Where, raw: Any) -> List[dict]:
     return ports
 
 
-def _service(where: _Where, raw: Any, dns_suffix: str, index: WorkloadIndex,
+def _service(where: _Where, raw: Any, cluster_domain: str, index: WorkloadIndex,
              node_hosts: Mapping[str, str]) -> Optional[dict]:
     data = _mapping(where, raw, SERVICE_KEYS, required=("name", "ports"))
     if data is None:
@@ -306,7 +307,7 @@ def _service(where: _Where, raw: Any, dns_suffix: str, index: WorkloadIndex,
     before = len(where.problems.all())
     name = _label(where.at("name"), data.get("name"), "service name") if data.get("name") else None
     namespace = _label(where.at("namespace"), data.get("namespace", "default"), "namespace") or "default"
-    hostname = data.get("hostname") or f"{name}.{namespace}.{dns_suffix}"
+    hostname = data.get("hostname") or f"{name}.{namespace}.svc.{cluster_domain}"
     hostname = _subdomain(where.at("hostname"), hostname, "service hostname")
     vip = _ipv4(where.at("vip"), data["vip"]) if data.get("vip") not in (None, "") else None
     ports = _service_ports(where.at("ports"), data.get("ports"))
@@ -515,11 +516,20 @@ def build_fleet(hostvars: Mapping[str, Mapping[str, Any]], hosts: Sequence[str])
     if not isinstance(network, str) or "/" in network:
         problems.add(None, "ztmesh_network", f"{network!r} is not valid: expected a network name without '/' "
                                              f"('' when the whole mesh is one network)")
-    dns_suffix = fleet_vars["ztmesh_dns_suffix"]
-    dns_suffix = _subdomain(_Where(problems, None, "ztmesh_dns_suffix"), dns_suffix,
-                            "DNS suffix") or "invalid"
+    cluster_domain = _subdomain(_Where(problems, None, "ztmesh_cluster_domain"),
+                                fleet_vars["ztmesh_cluster_domain"], "cluster domain") or "invalid"
     revoked = [str(n) for n in _list(_Where(problems, None, "ztmesh_revoked_nodes"),
                                      fleet_vars["ztmesh_revoked_nodes"], "node names")]
+
+    ca_addresses = []
+    ca_where = _Where(problems, None, "ztmesh_ca_addresses")
+    for i, address in enumerate(_list(ca_where, fleet_vars["ztmesh_ca_addresses"], "'host:port' addresses")):
+        host_part, sep, port = str(address).rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host_part:
+            ca_where.at(f"[{i}]").error(f"{address!r} is not a signing service address: expected "
+                                        f"'host:port', e.g. 10.20.0.5:15012")
+            continue
+        ca_addresses.append(str(address))
 
     nodes = [_node(problems, host, hostvars[host]) for host in hosts]
     node_hosts = {node["name"]: node["host"] for node in nodes}
@@ -536,7 +546,7 @@ def build_fleet(hostvars: Mapping[str, Mapping[str, Any]], hosts: Sequence[str])
     services = []
     svc_where = _Where(problems, None, "ztmesh_services")
     for i, raw in enumerate(_list(svc_where, fleet_vars["ztmesh_services"], "services")):
-        service = _service(svc_where.at(f"[{i}]"), raw, dns_suffix, index, node_hosts)
+        service = _service(svc_where.at(f"[{i}]"), raw, cluster_domain, index, node_hosts)
         if service is not None:
             services.append(service)
     policies = []
@@ -558,7 +568,9 @@ def build_fleet(hostvars: Mapping[str, Mapping[str, Any]], hosts: Sequence[str])
         "trust_domain": trust_domain,
         "cluster_id": cluster_id,
         "network": network,
+        "cluster_domain": cluster_domain,
         "revoked_nodes": revoked,
+        "ca_addresses": ca_addresses,
         "nodes": {node["host"]: node for node in nodes},
         "services": services,
         "policies": policies,

@@ -147,6 +147,8 @@ BAD_CASES = [
      "host n2: ztmesh_trust_domain: differs from the value node n1 sees"),
     ("bad trust domain", lambda hv: [h.update(ztmesh_trust_domain="Bad/Domain") for h in hv.values()],
      "ztmesh_trust_domain: 'Bad/Domain' is not a SPIFFE trust domain"),
+    ("bad CA address", lambda hv: [h.update(ztmesh_ca_addresses=["10.0.0.5"]) for h in hv.values()],
+     "ztmesh_ca_addresses[0]: '10.0.0.5' is not a signing service address"),
     ("revoked node still a member", lambda hv: [h.update(ztmesh_revoked_nodes=["n2"]) for h in hv.values()],
      "host n2: ztmesh_revoked_nodes: node n2 is revoked but still in group ztmesh_nodes"),
     ("service endpoint unknown", lambda hv: _services(hv, [{"name": "web", "namespace": "shop", "ports": [80],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Dict, List, Optional
@@ -18,7 +19,7 @@ from ztproxy.authz import (
     parse_policy,
 )
 from ztproxy.hooks import ConnContext, Decision
-from ztproxy.state import parse_mesh_state
+from ztproxy.state import MeshStateError, parse_mesh_state
 
 TLS_ID = "spiffe://td/ns/namespace/sa/account"
 ALT_ID = "spiffe://td-alt/ns/ns-alt/sa/sa=alt"
@@ -380,7 +381,12 @@ def test_state_provider_follows_reloads_and_fails_closed_when_first_policies_are
     good = parse_mesh_state({**MESH, "policies": [policy({"destinationPorts": [8080]}, action="Deny",
                                                           scope="Namespace", namespace="shop")]},
                             "cluster.local")
-    bad = parse_mesh_state({**MESH, "policies": [policy({"destinationPorts": ["http"]})]}, "cluster.local")
+    bad_policies = [policy({"destinationPorts": ["http"]})]
+    # The mesh-state parser refuses such a file as a whole (ztproxy.state validates policies)...
+    with pytest.raises(MeshStateError, match="destinationPorts\\[0\\]: 'http' is not a port number"):
+        parse_mesh_state({**MESH, "policies": bad_policies}, "cluster.local")
+    # ...and the authorizer still fails closed if a state with bad policies reaches it another way.
+    bad = dataclasses.replace(good, policies=bad_policies)
     current = {"state": bad}
     authz = MeshAuthorizer(state_provider=lambda: current["state"])
     decision = authz.authorize(ctx(bad, "10.0.0.11", 9000))

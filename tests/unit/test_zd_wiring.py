@@ -1,41 +1,47 @@
-"""Settings of the services beside the data plane (DNS, admin, metrics, readiness, access log)."""
+"""Settings of the services beside the data plane (DNS, admin, metrics, readiness, access log): since the
+settings were folded into ztproxy.config, these are sections of the one settings file."""
 
 from __future__ import annotations
 
 import pytest
 
-from ztproxy.wiring import NodeServices, NodeServicesError
+from ztproxy.config import ConfigError, settings_from_dict
 
 
 def test_defaults_are_ztunnels_ports():
-    services = NodeServices.from_dict(None)
-    assert services.admin == ("127.0.0.1", 15000)
-    assert services.metrics == ("0.0.0.0", 15020)
-    assert services.readiness == ("0.0.0.0", 15021)
-    assert services.dns == ("0.0.0.0", 15053)
-    assert services.dns_upstreams == () and services.dns_search_domains is None
+    settings = settings_from_dict({"node_name": "n"})
+    assert settings.listen.admin == ("127.0.0.1", 15000)
+    assert settings.listen.metrics == ("0.0.0.0", 15020)
+    assert settings.listen.readiness == ("0.0.0.0", 15021)
+    assert settings.listen.dns == ("0.0.0.0", 15053)
+    assert settings.dns.upstreams == () and settings.dns.search_domains is None
+    assert settings.dns.resolv_conf == "/etc/resolv.conf" and settings.dns.domain == "cluster.local"
+    assert settings.access_log.format is None and settings.access_log.log_open is False
 
 
 def test_values_are_parsed():
-    services = NodeServices.from_dict({
-        "admin": "[::1]:15000", "dns": None, "dns_upstreams": ["192.0.2.53", "[2001:db8::53]:5353"],
-        "dns_search_domains": ["corp.example"], "access_log_format": "json", "access_log_open": True,
+    settings = settings_from_dict({
+        "node_name": "n",
+        "listen": {"admin": "[::1]:15000", "dns": None},
+        "dns": {"upstreams": ["192.0.2.53", "[2001:db8::53]:5353"], "search_domains": ["corp.example"]},
+        "access_log": {"format": "json", "log_open": True},
     })
-    assert services.admin == ("::1", 15000) and services.dns is None
-    assert services.dns_upstreams == (("192.0.2.53", 53), ("2001:db8::53", 5353))
-    assert services.dns_search_domains == ("corp.example",)
-    assert services.access_log_format == "json" and services.access_log_open
+    assert settings.listen.admin == ("::1", 15000) and settings.listen.dns is None
+    assert settings.dns.upstreams == (("192.0.2.53", 53), ("2001:db8::53", 5353))
+    assert settings.dns.search_domains == ("corp.example",)
+    assert settings.access_log.format == "json" and settings.access_log.log_open
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"admin": "localhost:15000"}, "'admin': 'localhost:15000' is not 'IP:PORT'"),
-    ({"dns_upstreams": "192.0.2.53"}, "'dns_upstreams': expected a list"),
-    ({"dns_upstreams": ["dns.example"]}, "'dns_upstreams': DNS upstream 'dns.example'"),
-    ({"access_log_format": "xml"}, "not one of text, json"),
-    ({"access_log_open": "yes"}, "expected true or false"),
-    ({"dns_search_domains": "corp.example"}, "expected a list of domains"),
-    ({"metrics_port": 15020}, "unknown key\\(s\\) metrics_port"),
+    ({"listen": {"admin": "localhost:15000"}}, "'listen.admin': 'localhost:15000' is not valid: expected"),
+    ({"dns": {"upstreams": "192.0.2.53"}}, "'dns.upstreams': '192.0.2.53' is not valid: expected a list"),
+    ({"dns": {"upstreams": ["dns.example"]}}, "'dns.upstreams\\[0\\]': 'dns.example' is not valid"),
+    ({"access_log": {"format": "xml"}}, "'access_log.format': 'xml' is not valid: expected one of text"),
+    ({"access_log": {"log_open": "yes"}}, "expected true or false"),
+    ({"dns": {"search_domains": "corp.example"}}, "'dns.search_domains'.*expected a list of domains"),
+    ({"metrics_port": 15020}, "settings key 'metrics_port' is unknown"),
+    ({"dns": {"upstream": []}}, "settings key 'dns.upstream' is unknown; known keys: dns.domain"),
 ])
 def test_bad_values_name_the_key(data, message):
-    with pytest.raises(NodeServicesError, match=message):
-        NodeServices.from_dict(data)
+    with pytest.raises(ConfigError, match=message):
+        settings_from_dict(dict(node_name="n", **data))

@@ -99,7 +99,13 @@ class CaClient:
                 if exc.code in (grpcwire.PERMISSION_DENIED, grpcwire.INVALID_ARGUMENT):
                     break  # every instance reads the same mesh state: asking the others changes nothing
             except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as exc:
-                errors.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
+                hint = ""
+                if isinstance(exc, (ConnectionResetError, ssl.SSLError)):
+                    hint = (
+                        " (the CA may have refused this node's certificate: expired, revoked or not from its "
+                        "trust bundle; see its log)"
+                    )
+                errors.append(f"{host}:{port}: {type(exc).__name__}: {exc}{hint}")
         raise CaUnavailable("; ".join(errors) or "no CA address configured")
 
 

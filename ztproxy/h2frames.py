@@ -1,0 +1,191 @@
+"""HTTP/2 framing for bulk payload without copies, underneath h2's state machine.
+
+h2 keeps all of HTTP/2's state (streams, flow control, settings, HPACK); only the two places where it
+copies every payload byte are replaced:
+
+- Sending: h2 serializes each DATA frame by concatenating header, padding and payload, appends that to
+  a ``bytearray`` and hands it out as a new ``bytes``: four copies of every byte before TLS sees it.
+  ``ZeroCopyH2Connection`` emits a DATA frame of ``ZERO_COPY_MIN`` bytes or more as two pieces, the
+  9-byte header and the caller's own buffer, kept in order with everything else h2 writes;
+  ``take_output()`` returns the pieces for ``transport.writelines``.
+- Receiving: h2's FrameBuffer appends every read to a ``bytearray`` and copies each frame's body out of
+  it twice. ``FrameReader`` is a drop-in FrameBuffer whose memory the TLS layer decrypts straight into
+  (``get_buffer``/``commit``, the asyncio BufferedProtocol calls) and whose DATA frames carry a
+  ``memoryview`` of that memory as payload. A region that was handed out is never written again: when
+  the buffer is full a new one is started, so payload views stay valid as long as anyone holds them.
+
+The wire format is unchanged (tests compare it byte for byte with h2's own serialization), and frames
+are validated as h2 validates them: only the copies are gone.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import List, Optional, Union
+
+import h2.config
+import h2.connection
+import h2.exceptions
+import h2.frame_buffer
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
+from hyperframe.frame import DataFrame, Frame
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+# Payloads smaller than this are copied into h2's output buffer as usual: for them a separate piece
+# (and TLS record) costs more than the copy.
+ZERO_COPY_MIN = 16 * 1024
+# The receive buffer: a new one is started when less than READ_MIN bytes (or less than the rest of the
+# frame being received) are free. Bigger buffers mean fewer frames straddling two of them (a straddling
+# frame's received part is copied once into the next buffer).
+RECV_BUFFER_SIZE = 1 << 20
+READ_MIN = 64 * 1024
+
+_HEADER = struct.Struct(">HBBBL")  # HTTP/2 frame header: 24-bit length as 16 + 8 bits, type, flags, id
+_DATA_TYPE = 0x0
+_END_STREAM = 0x1
+
+
+def data_frame_header(length: int, end_stream: bool, stream_id: int) -> bytes:
+    return _HEADER.pack(length >> 8, length & 0xFF, _DATA_TYPE, _END_STREAM if end_stream else 0,
+                        stream_id & 0x7FFFFFFF)
+
+
+class ZeroCopyH2Connection(h2.connection.H2Connection):
+    """An H2Connection whose large DATA payloads reach the transport as the caller's own buffers."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self._pieces: List[Buffer] = []  # output older than what h2 holds in _data_to_send
+        self.incoming_buffer = FrameReader(server=not config.client_side)
+
+    def _prepare_for_sending(self, frames: List[Frame]) -> None:
+        for frame in frames:
+            data = getattr(frame, "data", None)
+            if (type(frame) is DataFrame and "PADDED" not in frame.flags and data is not None
+                    and len(data) >= ZERO_COPY_MIN):
+                length = len(data)
+                self._data_to_send += data_frame_header(length, "END_STREAM" in frame.flags, frame.stream_id)
+                self._pieces.append(bytes(self._data_to_send))
+                self._pieces.append(data)
+                self._data_to_send = bytearray()
+                frame.body_len = length
+            else:
+                self._data_to_send += frame.serialize()
+            # h2's own check (send_data has already refused an oversized payload).
+            assert frame.body_len <= self.max_outbound_frame_size
+
+    def take_output(self) -> List[Buffer]:
+        """Everything queued for the wire, in order, as buffers for ``transport.writelines``."""
+        pieces = self._pieces
+        if self._data_to_send:
+            pieces.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        self._pieces = []
+        return pieces
+
+    def data_to_send(self, amount: Optional[int] = None) -> bytes:
+        """h2's API, for callers that want one ``bytes`` (joins the pieces: a copy)."""
+        data = b"".join(self.take_output())
+        if amount is None or amount >= len(data):
+            return data
+        self._data_to_send = bytearray(data[amount:])
+        return data[:amount]
+
+    def clear_outbound_data_buffer(self) -> None:
+        self._pieces = []
+        super().clear_outbound_data_buffer()
+
+
+class FrameReader(h2.frame_buffer.FrameBuffer):
+    """h2's FrameBuffer, filled in place by the transport, yielding DATA payloads as memoryviews."""
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        self._buf = bytearray(0)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet parsed
+        self._end = 0  # end of the bytes received
+        self._missing = 0  # bytes still to come for the frame at _start (0: unknown)
+
+    # -- filling -------------------------------------------------------------------------------------
+
+    def get_buffer(self, size_hint: int = -1) -> memoryview:
+        """Writable memory right after the received bytes (asyncio BufferedProtocol.get_buffer)."""
+        want = max(READ_MIN, self._missing, size_hint if size_hint > 0 else 0)
+        if len(self._buf) - self._end < want:
+            self._new_buffer(want)
+        return self._view[self._end:]
+
+    def commit(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last get_buffer() (BufferedProtocol.buffer_updated)."""
+        self._end += nbytes
+
+    def add_data(self, data: Buffer) -> None:
+        """h2's FrameBuffer API: append ``data`` (one copy, into the receive buffer)."""
+        n = len(data)
+        if n:
+            target = self.get_buffer(n)
+            target[:n] = data
+            self.commit(n)
+
+    def _new_buffer(self, want: int) -> None:
+        """Start a new buffer holding the unparsed tail; the old one stays intact for its views."""
+        tail = self._end - self._start
+        buf = bytearray(max(RECV_BUFFER_SIZE, tail + want))
+        buf[:tail] = self._view[self._start:self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, tail
+
+    @property
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    # -- parsing (the iterator protocol h2 uses) --------------------------------------------------------
+
+    def __next__(self) -> Frame:
+        while True:
+            if self._preamble_len:
+                self._consume_preamble()
+            start, available = self._start, self._end - self._start
+            if available < 9:
+                self._missing = 9 - available
+                raise StopIteration
+            view = self._view
+            try:
+                frame, length = Frame.parse_frame_header(view[start:start + 9])
+            except (InvalidDataError, InvalidFrameError) as err:
+                raise h2.exceptions.ProtocolError(f"Received frame with invalid header: {err!s}") from err
+            # Checked as soon as the header is known, so an oversized frame is never buffered.
+            self._validate_frame_length(length)
+            if available < 9 + length:
+                self._missing = 9 + length - available
+                raise StopIteration
+            self._missing = 0
+            body = view[start + 9:start + 9 + length]
+            self._start = start + 9 + length
+            if type(frame) is DataFrame and "PADDED" not in frame.flags:
+                frame.data = body  # the payload itself, no copy
+                frame.body_len = length
+            else:
+                try:
+                    frame.parse_body(body)
+                except InvalidDataError as err:
+                    raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
+                except InvalidFrameError as err:
+                    raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+            frame = self._update_header_buffer(frame)
+            if frame is not None:
+                return frame
+
+    def _consume_preamble(self) -> None:
+        available = self._end - self._start
+        n = min(self._preamble_len, available)
+        if self._preamble[:n] != self._view[self._start:self._start + n]:
+            raise h2.exceptions.ProtocolError("Invalid HTTP/2 preamble.")
+        self._start += n
+        self._preamble = self._preamble[n:]
+        self._preamble_len -= n
+        if self._preamble_len:
+            self._missing = self._preamble_len
+            raise StopIteration
