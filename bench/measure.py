@@ -158,12 +158,17 @@ def wrk(ns: Namespace, system: System, seconds: float, connections: int, threads
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{host}:{port}/")
     sampler = RssSampler(pids_for_rss or [])
+    cpu_before = cpu_seconds(system.pids())
     with MachineLoad() as load, sampler:
         proc = subprocess.run(ns.cmd(argv), capture_output=True, text=True, timeout=seconds + 60)
+    cpu = cpu_seconds(system.pids()) - cpu_before
     if proc.returncode != 0:
         return {"error": f"wrk failed: {proc.stderr.strip() or proc.stdout[-300:]}"}
     result = parse_wrk(proc.stdout)
     result["machine_busy"] = load.busy
+    if system.pids() and result.get("requests"):
+        # CPU the proxies spent per request (per connection with ``close``): independent of load.
+        result["proxy_cpu_us_per_request"] = round(cpu / result["requests"] * 1e6, 1)
     if pids_for_rss:
         result["proxy_rss_peak_kib"] = sampler.peak
     return result

@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -85,7 +86,8 @@ def machine() -> Dict:
     return info
 
 
-def measure_system(ns: Namespace, system: System, quick: bool, profile_dir: Optional[Path]) -> Dict:
+def measure_system(ns: Namespace, system: System, quick: bool, tests: List[str],
+                   profile_dir: Optional[Path]) -> Dict:
     pick = 1 if quick else 0
     secs = {k: v[pick] for k, v in DURATIONS.items()}
     result: Dict = {"describe": system.describe()}
@@ -94,29 +96,33 @@ def measure_system(ns: Namespace, system: System, quick: bool, profile_dir: Opti
         pids = system.pids()
         measure.settle(1.0)
         result["rss_idle_kib"] = measure.rss_kib(pids)
-        profiler = None
-        if profile_dir is not None and isinstance(system, Ztproxy):
-            profiler = _start_profiler(pids, profile_dir, secs["throughput"])
-        result["throughput"] = measure.iperf3(ns, system, secs["throughput"])
-        if profiler is not None:
-            for proc in profiler:
-                proc.wait(60)
-        measure.settle()
-        result["latency"] = measure.wrk(ns, system, secs["latency"], connections=1, threads=1)
-        measure.settle()
-        result["conn_rate"] = measure.wrk(ns, system, secs["conn_rate"], connections=CONN_RATE_CLIENTS,
-                                          threads=2, close=True)
-        measure.settle()
-        result["concurrent"] = measure.wrk(ns, system, secs["concurrent"], connections=CONCURRENT,
-                                           threads=2, pids_for_rss=pids)
-        measure.settle(1.0)
+        if "throughput" in tests:
+            profiler = None
+            if profile_dir is not None and isinstance(system, Ztproxy):
+                profiler = _start_profiler(pids, profile_dir, secs["throughput"], system.name)
+            result["throughput"] = measure.iperf3(ns, system, secs["throughput"])
+            if profiler is not None:
+                for proc in profiler:
+                    proc.wait(60)
+            measure.settle()
+        if "latency" in tests:
+            result["latency"] = measure.wrk(ns, system, secs["latency"], connections=1, threads=1)
+            measure.settle()
+        if "conn_rate" in tests:
+            result["conn_rate"] = measure.wrk(ns, system, secs["conn_rate"], connections=CONN_RATE_CLIENTS,
+                                              threads=2, close=True)
+            measure.settle()
+        if "concurrent" in tests:
+            result["concurrent"] = measure.wrk(ns, system, secs["concurrent"], connections=CONCURRENT,
+                                               threads=2, pids_for_rss=pids)
+            measure.settle(1.0)
         result["rss_after_kib"] = measure.rss_kib(pids)
     finally:
         system.stop()
     return result
 
 
-def _start_profiler(pids: List[int], directory: Path, seconds: float) -> List[subprocess.Popen]:
+def _start_profiler(pids: List[int], directory: Path, seconds: float, label: str) -> List[subprocess.Popen]:
     """py-spy (pip install py-spy) on each ztproxy process during the throughput test."""
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.exists():
@@ -124,7 +130,7 @@ def _start_profiler(pids: List[int], directory: Path, seconds: float) -> List[su
     directory.mkdir(parents=True, exist_ok=True)
     procs = []
     for index, pid in enumerate(pids):
-        out = directory / f"ztproxy-node-{'ab'[index]}.txt"
+        out = directory / f"{label}-node-{'ab'[index]}.txt"
         procs.append(subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)),
                                        "-r", "200", "-f", "raw", "-o", str(out), "--nonblocking"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -157,7 +163,9 @@ def summarize(rounds: List[Dict[str, Dict]]) -> Dict[str, Dict]:
             "proxy_cpu_s_per_gb": pick("throughput.proxy_cpu_s_per_gb"),
             "latency_p50_ms": pick("latency.p50_ms"),
             "latency_p99_ms": pick("latency.p99_ms"),
+            "proxy_cpu_us_per_request": pick("latency.proxy_cpu_us_per_request"),
             "conn_per_s": pick("conn_rate.rps"),
+            "proxy_cpu_us_per_conn": pick("conn_rate.proxy_cpu_us_per_request"),
             "conn_rate_errors": pick("conn_rate.errors"),
             "rps_1000_conns": pick("concurrent.rps"),
             "errors_1000_conns": pick("concurrent.errors"),
@@ -176,7 +184,9 @@ COLUMNS = [
     ("proxy_cpu_s_per_gb", "proxy CPU s/GB"),
     ("latency_p50_ms", "p50 ms"),
     ("latency_p99_ms", "p99 ms"),
+    ("proxy_cpu_us_per_request", "proxy CPU us/req"),
     ("conn_per_s", "conn/s"),
+    ("proxy_cpu_us_per_conn", "proxy CPU us/conn"),
     ("rps_1000_conns", "req/s @1000 conns"),
     ("rss_idle_mib", "RSS idle MiB"),
     ("rss_1000_conns_mib", "RSS @1000 MiB"),
@@ -210,14 +220,20 @@ def table(summary: Dict[str, Dict]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short tests, one round")
     parser.add_argument("--rounds", type=int, default=None, help="rounds over all systems (default 2, "
                         "quick 1); the summary is the median")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    parser.add_argument("--tests", default=",".join(DURATIONS),
+                        help=f"comma-separated subset of {', '.join(DURATIONS)}")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="ztproxy's event loop (ZTPROXY_EVENT_LOOP)")
+    parser.add_argument("--compare-src", type=Path, default=None, metavar="DIR",
+                        help="also run the ztproxy package found in DIR (e.g. an older checkout) as "
+                             "system 'ztproxy-compare', for before/after figures in one run")
     parser.add_argument("--profile", action="store_true",
                         help="record py-spy profiles of both ztproxy processes during the throughput test")
     parser.add_argument("--max-seconds", type=float, default=900, help="stop after this long (default 900)")
@@ -227,6 +243,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if args.compare_src is not None:
+        if not (args.compare_src / "ztproxy" / "__main__.py").is_file():
+            parser.error(f"--compare-src {args.compare_src}: no ztproxy package in that directory")
+        names.insert(names.index("ztproxy") + 1 if "ztproxy" in names else 0, "ztproxy-compare")
+    tests = [t.strip() for t in args.tests.split(",") if t.strip()]
+    if any(t not in DURATIONS for t in tests):
+        parser.error(f"--tests: choose from {', '.join(DURATIONS)}")
     rounds_n = args.rounds or (1 if args.quick else 2)
     try:
         require_tools(TOOLS)
@@ -256,11 +279,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         for index in range(rounds_n):
             results: Dict[str, Dict] = {}
             for name in names:
-                cls = SYSTEMS[name]
-                system = cls(ns, workdir, pki, args.event_loop) if cls is Ztproxy else cls(ns, workdir, pki)
+                if name == "ztproxy-compare":
+                    system = Ztproxy(ns, workdir, pki, args.event_loop, src=args.compare_src, name=name)
+                elif SYSTEMS[name] is Ztproxy:
+                    system = Ztproxy(ns, workdir, pki, args.event_loop)
+                else:
+                    system = SYSTEMS[name](ns, workdir, pki)
                 print(f"round {index + 1}/{rounds_n}: {name} ...", file=sys.stderr, flush=True)
                 profile_dir = args.out / f"{stamp}-profile" if args.profile and index == 0 else None
-                results[name] = measure_system(ns, system, args.quick, profile_dir)
+                results[name] = measure_system(ns, system, args.quick, tests, profile_dir)
+                failed = [t for t, r in results[name].items() if isinstance(r, dict) and "error" in r]
+                if failed:
+                    keep = args.out / f"{stamp}-logs" / f"round{index + 1}-{name}"
+                    shutil.copytree(system.dir, keep, dirs_exist_ok=True)
+                    print(f"  {name}: {', '.join(failed)} failed; logs kept in {keep}", file=sys.stderr)
             rounds.append(results)
     except (BenchError, Deadline) as exc:
         print(f"bench: {exc}\n(work files kept in {workdir})", file=sys.stderr)
@@ -285,7 +317,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     (args.out / f"{stamp}.md").write_text(f"# Benchmark {stamp}\n\n{load}\n\n{text}\n")
     print(text)
     print(f"\n{load}\nresults: {args.out / (stamp + '.json')}")
-    import shutil
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

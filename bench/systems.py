@@ -71,8 +71,10 @@ class Namespace:
         self.sh("ip", "link", "set", "lo", "up")
         # As a node's capture: the client workload's connections to the server workload go to the
         # outbound listener; ztproxy's own sockets carry the mark and are never captured again.
+        # Port 15008 is left alone so the harness can probe node B's inbound listener directly.
         self.sh("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-s", CLIENT_IP, "-d", SERVER_IP,
-                "-m", "mark", "!", "--mark", hex(SOCKET_MARK), "-j", "REDIRECT", "--to-ports", "15001")
+                "!", "--dport", "15008", "-m", "mark", "!", "--mark", hex(SOCKET_MARK),
+                "-j", "REDIRECT", "--to-ports", "15001")
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
@@ -181,7 +183,8 @@ class System:
             stop(proc)
         self.procs.clear()
 
-    def _spawn(self, argv: Sequence[str], label: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    def _spawn(self, argv: Sequence[str], label: str,
+               env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         proc = self.ns.spawn(argv, self.dir / f"{label}.log", env)
         self.procs.append(proc)
         return proc
@@ -203,13 +206,16 @@ class Plain(System):
 class Ztproxy(System):
     name = "ztproxy"
 
-    def __init__(self, ns: Namespace, workdir: Path, pki: Pki, event_loop: str = "uvloop") -> None:
+    def __init__(self, ns: Namespace, workdir: Path, pki: Pki, event_loop: str = "uvloop",
+                 src: Path = REPO, name: str = "ztproxy") -> None:
+        self.name = name
         super().__init__(ns, workdir, pki)
         self.event_loop = event_loop
+        self.src = src
 
     def describe(self) -> str:
-        return (f"two `ztproxy run` processes ({self.event_loop} loop): outbound capture (iptables "
-                "REDIRECT) -> HBONE (TLS 1.3 mTLS, HTTP/2 CONNECT) -> inbound -> backend")
+        return (f"two `ztproxy run` processes ({self.event_loop} loop, code from {self.src}): outbound "
+                "capture (iptables REDIRECT) -> HBONE (TLS 1.3 mTLS, HTTP/2 CONNECT) -> inbound -> backend")
 
     def start(self) -> None:
         certs = self.dir / "certs"
@@ -226,11 +232,15 @@ class Ztproxy(System):
         }
         (self.dir / "mesh-state.yaml").write_text(yaml.safe_dump(state))
         env = dict(os.environ, ZTPROXY_EVENT_LOOP=self.event_loop,
-                   PYTHONPATH=str(REPO) + (os.pathsep + os.environ["PYTHONPATH"]
+                   PYTHONPATH=str(self.src) + (os.pathsep + os.environ["PYTHONPATH"]
                                            if os.environ.get("PYTHONPATH") else ""))
+        # Both nodes share the namespace: node B's admin, metrics and readiness servers move up by 1000
+        # (they run, as on a real node: telemetry is part of the cost). No DNS proxy.
         for node, listen, ready in (
-                ("node-a", {"outbound": f"{CLIENT_IP}:15001", "inbound": None}, (CLIENT_IP, 15001)),
-                ("node-b", {"outbound": None, "inbound": f"{SERVER_IP}:15008"}, (SERVER_IP, 15008))):
+                ("node-a", {"outbound": f"{CLIENT_IP}:15001", "inbound": None, **_side_ports(0)},
+                 (CLIENT_IP, 15001)),
+                ("node-b", {"outbound": None, "inbound": f"{SERVER_IP}:15008", **_side_ports(1000)},
+                 (SERVER_IP, 15008))):
             settings = {
                 "node_name": node, "trust_domain": TRUST_DOMAIN,
                 "mesh_state": str(self.dir / "mesh-state.yaml"), "certs_dir": str(certs),
@@ -245,6 +255,11 @@ class Ztproxy(System):
 
     def address(self, backend_port: int) -> Tuple[str, int]:
         return SERVER_IP, backend_port
+
+
+def _side_ports(offset: int) -> Dict[str, Optional[str]]:
+    return {"dns": None, "admin": f"127.0.0.1:{15000 + offset}", "metrics": f"127.0.0.1:{15020 + offset}",
+            "readiness": f"127.0.0.1:{15021 + offset}"}
 
 
 class Stunnel(System):
@@ -262,7 +277,8 @@ class Stunnel(System):
                           f"cert = {pki.chain(side)}", f"key = {pki.key(side)}",
                           f"CAfile = {pki.bundle}", "verifyChain = yes", "sslVersionMin = TLSv1.3"]
                 if side == "client":
-                    lines += ["client = yes", f"accept = {CLIENT_IP}:{front}", f"connect = {CLIENT_IP}:{back}"]
+                    lines += ["client = yes", f"accept = {CLIENT_IP}:{front}",
+                              f"connect = {CLIENT_IP}:{back}"]
                 else:
                     lines += [f"accept = {CLIENT_IP}:{back}", f"connect = {CLIENT_IP}:{backend}"]
                 lines.append("")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import time
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
-from ztproxy.certs import CertError, CertStore, load_trust_bundle
+from ztproxy.certs import CertError, CertStore, IdentityFiles, load_trust_bundle
 from ztproxy.config import Settings
 from ztproxy.h2session import H2Limits, H2Session
 from ztproxy.hbone_server import HboneListener
@@ -55,16 +56,25 @@ def _check_socket_mark(mark: int) -> None:
         probe.close()
 
 
-def load_revocation(settings: Settings) -> Callable[[bytes], Optional[str]]:
-    """The revocation check of the ``revocation`` settings (deny list and CRLs, re-read when they change;
-    CRLs must be signed by a CA of the trust bundle). A file that cannot be used stops the start."""
-    from ztproxy.identity.pki import IdentityError
+def load_revocation(settings: Settings, state: MeshState) -> Callable[[bytes], Optional[str]]:
+    """The revocation check of the ``revocation`` settings (deny list and CRLs, re-read when they change).
+
+    A CRL is trusted only when a CA certificate it names verifies its signature: the roots of the trust
+    bundle, and the intermediates in the certificate chains of this node's identities (workload
+    certificates are signed by an intermediate, so their CRLs are too). A file that cannot be used stops
+    the start."""
+    from ztproxy.identity.pki import IdentityError, node_identity
     from ztproxy.identity.revocation import RevocationList
 
+    node = node_identity(settings.trust_domain, settings.node_name)
+    chains = [IdentityFiles.under(settings.certs_dir, node.namespace, node.service_account).cert_chain]
+    chains += [IdentityFiles.under(settings.certs_dir, w.namespace, w.service_account).cert_chain
+               for w in state.local_workloads(settings.node_name)]
+    issuers = [settings.trust_bundle] + sorted({path for path in chains if os.path.exists(path)})
     config = settings.revocation
     try:
         revocation = RevocationList(deny_list_path=config.deny_list, crl_paths=list(config.crls),
-                                    crl_issuer_paths=[settings.trust_bundle])
+                                    crl_issuer_paths=issuers)
     except IdentityError as exc:
         raise StartupError(f"revocation: {exc}; fix the file or the 'revocation' settings") from None
     return revocation.check
@@ -143,7 +153,7 @@ class App:
             raise StartupError(str(exc)) from None
         _check_socket_mark(settings.socket_mark)
         if settings.revocation.enabled:
-            self.certs.revocation = load_revocation(settings)
+            self.certs.revocation = load_revocation(settings, self.state)
         local = self.state.local_workloads(settings.node_name)
         if not local:
             log.warning("the mesh state has no workload on node %r: nothing to proxy until it does",

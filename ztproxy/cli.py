@@ -95,7 +95,7 @@ def check(settings: Settings) -> List[str]:
         from ztproxy.app import StartupError, load_revocation
 
         try:
-            load_revocation(settings)
+            load_revocation(settings, state)
             print(f"revocation: deny list {settings.revocation.deny_list or '(none)'}, "
                   f"{len(settings.revocation.crls)} CRL(s)")
         except StartupError as exc:

@@ -232,13 +232,14 @@ def snapshot(ns: str) -> Dict[str, object]:
               and not line.startswith("multicast ")]
     ipset = [line for line in lines("ipset", "list")
              if not line.startswith(("Size in memory", "References"))]
-    ipset = [" ".join(w for w in line.split() if not w.startswith("0x")) if line.startswith("Header") else line
-             for line in ipset]
+    # the header's initval is random per set
+    ipset = [" ".join(w for w in line.split() if not w.startswith("0x")) if line.startswith("Header")
+             else line for line in ipset]
     ipset = _sorted_members(ipset)
     sysctl = lines("sysctl", "-a", "--pattern", r"^net\.ipv4\.(ip_forward|conf\.)")
     return {"iptables": iptables, "rules": lines("ip", "rule", "show"), "routes": routes,
-            "addresses": sorted(line.split(": ", 1)[1] for line in lines("ip", "-4", "-o", "addr", "show")), "links": _links(ns),
-            "ipset": ipset, "sysctl": sysctl}
+            "addresses": sorted(line.split(": ", 1)[1] for line in lines("ip", "-4", "-o", "addr", "show")),
+            "links": _links(ns), "ipset": ipset, "sysctl": sysctl}
 
 
 def netns_exists(name: str) -> bool:

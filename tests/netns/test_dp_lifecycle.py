@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(600)
 
 FOREIGN = [
     ("iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "--dport", "9999", "-j", "ACCEPT"),
-    ("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.124.1.0/24", "!", "-o", "cbr0", "-j", "MASQUERADE"),
+    ("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.124.1.0/24", "!", "-o", "cbr0",
+     "-j", "MASQUERADE"),
     ("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"),
     ("iptables", "-P", "FORWARD", "DROP"),
     ("ip", "route", "add", "10.200.0.0/16", "via", "10.123.0.9", "table", "200"),
@@ -61,11 +62,12 @@ def test_apply_then_a_second_run_changes_nothing(node):
     second = run_role(node)
     assert second["stats"]["changed"] == 0, second["changed_tasks"]
     assert run_role(node, check=True, diff=True)["stats"]["changed"] == 0
-    sysctl = sh("sysctl", "-n", "net.ipv4.conf.all.rp_filter", "net.ipv4.ip_forward", ns=node.ns).stdout.split()
-    assert sysctl == ["2", "1"]
+    sysctl = sh("sysctl", "-n", "net.ipv4.conf.all.rp_filter", "net.ipv4.ip_forward", ns=node.ns)
+    assert sysctl.stdout.split() == ["2", "1"]
     after = snapshot(node.ns)
-    for chain in ("-A PREROUTING -p tcp -m tcp --dport 9999 -j ACCEPT", "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT"):
-        assert chain in after["iptables"]["nft"], "foreign rules must stay"
+    for rule in ("-A PREROUTING -p tcp -m tcp --dport 9999 -j ACCEPT",
+                 "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT"):
+        assert rule in after["iptables"]["nft"], "foreign rules must stay"
     assert "500:\tfrom 10.124.1.0/24 lookup 200" in after["rules"]
 
 

@@ -165,3 +165,30 @@ def test_end_to_end_through_both_proxies_keeps_the_client_address(mesh, relays, 
              if r.get("target") == f"{dst_ip}:8080" and not r.get("error")}
     expected = {15006} if client == "outside" else ({15001} if server == "outside" else {15001, 15008})
     assert expected <= ports, (walk, ports)
+
+
+def test_dns_capture_switches_with_the_proxy(mesh):
+    """ztmesh_dns_capture: DNS goes to the proxy's 15053 only between 'dns-capture on' and 'off' (the
+    proxy service's start/stop hooks), and straight to its server otherwise."""
+    n1 = mesh.nodes[0]
+    changed = run_role(n1, extra={"ztmesh_dns_capture": True})["changed_tasks"]
+    assert changed, "turning DNS capture on must change the chains"
+    script = [str(n1.dp_dir / "ztmesh-dataplane"), "dns-capture"]
+    assert udp(n1.ns, EXT_IP, 53).startswith(f"ext peer={n1.ip}:"), "captured before the proxy runs"
+    stub = mesh.start(n1.proxy_ns, "dnsstub.py", "15053")
+    try:
+        assert sh(*script, "on").returncode == 0
+        assert udp(n1.ns, EXT_IP, 53) == f"proxy-dns {EXT_IP}:53"
+        assert udp(n1.contained_ns, EXT_IP, 53) == f"proxy-dns {EXT_IP}:53"
+    finally:
+        mesh.stop(stub)
+    assert sh(*script, "off").returncode == 0
+    assert udp(n1.ns, EXT_IP, 53).startswith(f"ext peer={n1.ip}:")
+    # A switch left on (proxy killed without its stop hook) goes away when capture is turned off.
+    stub = mesh.start(n1.proxy_ns, "dnsstub.py", "15053")
+    assert sh(*script, "on").returncode == 0
+    mesh.stop(stub)
+    assert "104:" in sh("ip", "rule", ns=n1.ns).stdout
+    run_role(n1)
+    assert "104:" not in sh("ip", "rule", ns=n1.ns).stdout
+    assert udp(n1.ns, EXT_IP, 53).startswith(f"ext peer={n1.ip}:")

@@ -100,6 +100,29 @@ def sysctls() -> Dict[str, Optional[str]]:
     return values
 
 
+def certificates(certs_dir: str = "/var/lib/ztproxy/certs") -> List[Dict[str, Any]]:
+    """Each identity's certificate as openssl (an independent implementation) sees it: the URI SAN,
+    whether it is valid now, whether its chain verifies against the trust bundle, the key's mode."""
+    bundle = os.path.join(certs_dir, "root-cert.pem")
+    found = []
+    for namespace in sorted(os.listdir(certs_dir)) if os.path.isdir(certs_dir) else []:
+        for account in sorted(os.listdir(os.path.join(certs_dir, namespace))) \
+                if os.path.isdir(os.path.join(certs_dir, namespace)) else []:
+            base = os.path.join(certs_dir, namespace, account)
+            chain, key = os.path.join(base, "cert-chain.pem"), os.path.join(base, "key.pem")
+            san = run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", chain]).stdout
+            parts = [part.strip() for part in san.replace("\n", ",").split(",")]
+            uris = [part[4:] for part in parts if part.startswith("URI:")]
+            valid_now = run(["openssl", "x509", "-noout", "-checkend", "0", "-in", chain]).returncode == 0
+            # The leaf is verified with the rest of cert-chain.pem as intermediates.
+            verify = run(["openssl", "verify", "-CAfile", bundle, "-untrusted", chain, chain])
+            verified = verify.returncode == 0
+            found.append({"path": base, "identity": uris[0] if len(uris) == 1 else uris,
+                          "status": "valid" if valid_now and verified else "invalid",
+                          "key_mode": oct(os.stat(key).st_mode & 0o777) if os.path.exists(key) else None})
+    return found
+
+
 def main() -> int:
     netns_list = run(["ip", "netns", "list"]).stdout.split()
     in_proxy = PROXY_NETNS in netns_list
@@ -108,10 +131,6 @@ def main() -> int:
     units = {name: unit(name) for name in UNITS}
     venv = "/opt/ztmesh/venv/bin/ztproxy"
     check = run([venv, "check", "--config", "/etc/ztproxy/ztproxy.yaml"]) if os.path.exists(venv) else None
-    python = "/opt/ztmesh/venv/bin/python"
-    certs = None
-    if os.path.exists(python):
-        certs = run([python, "-m", "ztproxy.identity", "cert", "show", "--json"])
     ipset = run(["ipset", "list", "ztunnel-pods-ips", "-o", "save"])
     report = {
         "netns": netns_list,
@@ -131,7 +150,7 @@ def main() -> int:
         "proxy_process": process(int(units["ztproxy.service"].get("MainPID", "0") or 0)),
         "ready": ready.stdout if ready is not None else None,
         "check": {"rc": check.returncode, "out": check.stdout + check.stderr} if check else None,
-        "certs": json.loads(certs.stdout) if certs is not None and certs.stdout.strip() else None,
+        "certs": {"identities": certificates()},
     }
     json.dump(report, sys.stdout)
     return 0

@@ -19,8 +19,9 @@ section "ip -6 rule";              ip -6 rule show
 section "ip route show table all"; ip route show table all
 section "ip -6 route show table all"; ip -6 route show table all
 section "ipset";                   ipset save 2>&1
-section "links";                   ip -d -o link show | sed -e 's/ link-netnsid [0-9]*//'
-section "addresses";               ip -o addr show | sed -e 's/ valid_lft .*//'
+# Interface indexes are left out: a link that was deleted and rebuilt is the same link to its users.
+section "links";                   ip -d -o link show | sed -e 's/^[0-9]*: //' -e 's/ link-netnsid [0-9]*//' | sort
+section "addresses";               ip -o addr show | sed -e 's/^[0-9]*: //' -e 's/ valid_lft .*//' | sort
 section "network namespaces";      ip netns list; ls -la /run/netns 2>&1 | sed -e '1d' | awk '{print $1, $3, $4, $NF}'
 section "sysctl net.*"
 # nf_conntrack_count is the number of tracked connections at this instant.
