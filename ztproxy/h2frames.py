@@ -20,6 +20,7 @@ are validated as h2 validates them: only the copies are gone.
 
 from __future__ import annotations
 
+import binascii
 import struct
 from typing import List, Optional, Union
 
@@ -27,6 +28,8 @@ import h2.config
 import h2.connection
 import h2.exceptions
 import h2.frame_buffer
+import hpack
+import hyperframe.frame
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame
 
@@ -46,9 +49,39 @@ _DATA_TYPE = 0x0
 _END_STREAM = 0x1
 
 
+def _short_hex(data: Buffer) -> str:
+    """hyperframe's ``_raw_data_repr`` with the same output, hexlifying only what it shows.
+
+    h2 formats ``repr(frame)`` for every received frame (even with logging off) and hyperframe's
+    version hexlifies the whole payload before cutting it to 20 characters."""
+    if not data:
+        return "None"
+    text = binascii.hexlify(bytes(data[:11])).decode("ascii")
+    return "<hex:" + (text[:20] + "..." if len(text) > 20 else text) + ">"
+
+
+def _data_body_repr(frame: DataFrame) -> str:
+    """DataFrame's repr body without ``serialize_body()``, which copies the whole payload (and turns a
+    memoryview payload into bytes) only to show its first bytes. Same text for unpadded frames."""
+    return _short_hex(frame.data)
+
+
+hyperframe.frame._raw_data_repr = _short_hex
+DataFrame._body_repr = _data_body_repr
+
+
 def data_frame_header(length: int, end_stream: bool, stream_id: int) -> bytes:
     return _HEADER.pack(length >> 8, length & 0xFF, _DATA_TYPE, _END_STREAM if end_stream else 0,
                         stream_id & 0x7FFFFFFF)
+
+
+class LiteralHpackEncoder(hpack.Encoder):
+    """HPACK without Huffman coding of literals: hpack's Huffman coder is a Python loop over every byte,
+    and ztproxy's headers (a fresh ``traceparent`` per stream) are mostly literals. RFC 7541 lets each
+    string be sent either way; the header block is ~20 % larger, which is nothing next to the CPU."""
+
+    def encode(self, headers, huffman: bool = True) -> bytes:  # type: ignore[override]
+        return super().encode(headers, huffman=False)
 
 
 class ZeroCopyH2Connection(h2.connection.H2Connection):
@@ -58,6 +91,8 @@ class ZeroCopyH2Connection(h2.connection.H2Connection):
         super().__init__(config=config)
         self._pieces: List[Buffer] = []  # output older than what h2 holds in _data_to_send
         self.incoming_buffer = FrameReader(server=not config.client_side)
+        # Replaced before any SETTINGS exchange, so the table size h2 applies later reaches this one.
+        self.encoder = LiteralHpackEncoder()
 
     def _prepare_for_sending(self, frames: List[Frame]) -> None:
         for frame in frames:

@@ -60,7 +60,7 @@ class RecordingAuthorizer:
 
 class ProxyNode:
     """Everything one node runs: App (ports 15001/15006/15008), DNS (15053), admin (15000), metrics
-    (15020) and readiness (15021)."""
+    (15020), readiness (15021) and, with ``ca.addresses``, the certificate renewer."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
