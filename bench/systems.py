@@ -85,10 +85,11 @@ class Namespace:
     def sh(self, *argv: str) -> str:
         return run(self.cmd(argv))
 
-    def spawn(self, argv: Sequence[str], log: Path, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    def spawn(self, argv: Sequence[str], log: Path, env: Optional[Dict[str, str]] = None,
+              cwd: Optional[Path] = None) -> subprocess.Popen:
         # `ip netns exec` execs the command, so the Popen pid is the program itself (RSS, signals).
         out = open(log, "ab")  # noqa: SIM115  (lives as long as the process)
-        return subprocess.Popen(self.cmd(argv), stdout=out, stderr=subprocess.STDOUT, env=env,
+        return subprocess.Popen(self.cmd(argv), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
 
 
@@ -183,9 +184,9 @@ class System:
             stop(proc)
         self.procs.clear()
 
-    def _spawn(self, argv: Sequence[str], label: str,
-               env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-        proc = self.ns.spawn(argv, self.dir / f"{label}.log", env)
+    def _spawn(self, argv: Sequence[str], label: str, env: Optional[Dict[str, str]] = None,
+               cwd: Optional[Path] = None) -> subprocess.Popen:
+        proc = self.ns.spawn(argv, self.dir / f"{label}.log", env, cwd)
         self.procs.append(proc)
         return proc
 
@@ -250,7 +251,9 @@ class Ztproxy(System):
             }
             path = self.dir / f"{node}.yaml"
             path.write_text(yaml.safe_dump(settings))
-            proc = self._spawn([sys.executable, "-m", "ztproxy", "run", "--config", str(path)], node, env)
+            # `python -m` puts the working directory first on sys.path: run from the source tree.
+            proc = self._spawn([sys.executable, "-m", "ztproxy", "run", "--config", str(path)], node, env,
+                               cwd=self.src)
             wait_port(self.ns, ready[0], ready[1], proc, self.log(node))
 
     def address(self, backend_port: int) -> Tuple[str, int]:
