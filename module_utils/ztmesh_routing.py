@@ -407,6 +407,10 @@ def rule_from_msg(msg) -> Rule:
     mask = attrs.get("FRA_FWMASK")
     if mark is not None and mask is None:
         mask = 0xFFFFFFFF
+    if mark is None and mask is not None:
+        # The kernel leaves FRA_FWMARK out when the mark is 0: "fwmark 0/0x200" (mark bit clear)
+        # arrives as a mask alone.
+        mark = 0
     return Rule(
         priority=attrs.get("FRA_PRIORITY", 0),
         table=table if action == FR_ACT_TO_TBL else None,

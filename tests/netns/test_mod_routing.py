@@ -138,6 +138,16 @@ def test_proxy_namespace_local_route(netns, sh) -> None:
     assert routing(netns, **args)["changed"] is False
 
 
+def test_rule_matching_a_clear_mark_bit_is_idempotent(netns, sh) -> None:
+    """``fwmark 0/0x200`` (mark bit clear): the kernel reports such a rule with a mask and no mark."""
+    args = {"rules": [{"priority": 103, "fwmark": "0x0", "fwmask": "0x200", "table": 100}]}
+    assert routing(netns, **args)["changed"] is True
+    assert "103:\tfrom all fwmark 0/0x200 lookup 100" in sh("ip", "rule", netns=netns).stdout
+    assert routing(netns, **args)["changed"] is False
+    assert routing(netns, state="absent", **args)["changed"] is True
+    assert "103:" not in sh("ip", "rule", netns=netns).stdout
+
+
 def test_local_rule_moves_and_comes_back(netns, sh) -> None:
     node(sh, netns)
     pristine = snapshot(sh, netns)
