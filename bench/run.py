@@ -53,13 +53,14 @@ class Deadline(Exception):
     pass
 
 
-def _version(argv: List[str]) -> str:
+def _version(argv: List[str], word: str = "") -> str:
+    """The first output line of ``argv`` that mentions ``word`` (e.g. stunnel prints a preamble)."""
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    text = (proc.stdout + proc.stderr).strip().splitlines()
-    return text[0] if text else "unknown"
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if word.lower() in line.lower()]
+    return lines[0].strip() if lines else "unknown"
 
 
 def machine() -> Dict:
@@ -69,7 +70,7 @@ def machine() -> Dict:
     info = {
         "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
         "openssl_python": ssl.OPENSSL_VERSION, "h2": h2.__version__,
-        "stunnel": _version(["stunnel4", "-version"]), "haproxy": _version(["haproxy", "-v"]),
+        "stunnel": _version(["stunnel4", "-version"], "stunnel "), "haproxy": _version(["haproxy", "-v"]),
         "iperf3": _version(["iperf3", "--version"]), "wrk": _version(["wrk", "--version"]),
         "loadavg_start": list(os.getloadavg()),
     }

@@ -12,6 +12,7 @@ Pure Python (no Ansible import at module level) so unit tests import it directly
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -651,6 +652,20 @@ def identity_dirs(identities: Sequence[str], certs_dir: str) -> List[str]:
     return dirs
 
 
+# This file is playbooks/filter_plugins/ztmesh_inventory.py: the roles are two levels up.
+ROLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "roles")
+
+
+def role_options(role: str, exclude: Sequence[str] = ()) -> Dict[str, Any]:
+    """The options of a role's main entry point (roles/<role>/meta/argument_specs.yml), for checking an
+    inventory against every role before any host is changed (playbooks/validate.yml)."""
+    import yaml  # Ansible's own dependency; imported here so the model itself needs only the stdlib.
+
+    with open(os.path.join(ROLES_DIR, role, "meta", "argument_specs.yml"), encoding="utf-8") as handle:
+        options = yaml.safe_load(handle)["argument_specs"]["main"]["options"]
+    return {name: spec for name, spec in options.items() if name not in exclude}
+
+
 def _hostvars_view(hostvars: Any, hosts: Sequence[str]) -> Dict[str, Mapping[str, Any]]:
     """Only the variables this model reads, so Ansible templates nothing else."""
     names = set(INVENTORY_DEFAULTS) | {"ztmesh_node_name"}
@@ -675,4 +690,5 @@ class FilterModule:
             "ztmesh_sign_requests": sign_requests,
             "ztmesh_signed_chain": signed_chain,
             "ztmesh_identity_dirs": identity_dirs,
+            "ztmesh_role_options": role_options,
         }

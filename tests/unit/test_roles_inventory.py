@@ -263,3 +263,18 @@ def test_validate_playbook_accepts_the_example_and_refuses_a_bad_inventory(tmp_p
             in out)
     recap = out[out.index("PLAY RECAP"):]
     assert re.search(r"n2\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=1", recap), recap
+
+
+@pytest.mark.timeout(180)
+def test_validate_playbook_checks_role_variables_of_every_host(tmp_path: Path) -> None:
+    """Variables of the roles (here the data plane's) are checked up front too, per host."""
+    hostvars = two_nodes()
+    hostvars["n2"]["ztmesh_tunnel_kind"] = "gre"
+    hostvars["n2"]["ztmesh_exclude_inbound_ports"] = {"ssh": 22}
+    proc = _run_validate(tmp_path, hostvars)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "failed: [n2] (item=ztmesh_node)" in out
+    assert "value of ztmesh_tunnel_kind must be one of: geneve, vxlan, got: gre" in out
+    assert "argument 'ztmesh_exclude_inbound_ports' is of type dict" in out
+    assert "failed: [n1]" not in out
