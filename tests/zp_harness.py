@@ -208,8 +208,10 @@ class H2TunnelClient:
     def __init__(self, address: Tuple[str, int], ctx: ssl.SSLContext, timeout: float = 10.0) -> None:
         raw = socket.create_connection(address, timeout=timeout)
         self.sock = ctx.wrap_socket(raw, server_hostname=None)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
-                                                                          header_encoding="utf-8"))
+        # h2 before 4.4 refuses to send an RFC 9113 CONNECT (no :path); the checks are off there only.
+        modern = tuple(int(x) for x in h2.__version__.split(".")[:2]) >= (4, 4)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding="utf-8", validate_outbound_headers=modern))
         self.conn.state_machine = _GoawayTolerantStateMachine()
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(16 << 20)

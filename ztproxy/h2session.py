@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import h2.config
 import h2.connection
@@ -52,6 +52,21 @@ class H2Limits:
         self.max_concurrent_streams = max_concurrent_streams
 
 
+def _h2_version() -> Tuple[int, int]:
+    try:
+        major, minor = h2.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+# h2 releases before 4.4 (4.4 needs Python 3.10, so Python 3.9 nodes get an older one) demand :path
+# and :scheme in every request, which an RFC 9113 section 8.5 CONNECT (HBONE's) never carries. With
+# those, a server turns off h2's inbound header validation; hbone_server checks the CONNECT itself
+# (method, :authority, pseudo-headers) and answers 400 to a malformed one.
+H2_VALIDATES_CONNECT = _h2_version() >= (4, 4)
+
+
 class H2Session(asyncio.BufferedProtocol):
     """An HTTP/2 connection; a BufferedProtocol so TLS decrypts straight into the frame reader."""
 
@@ -63,7 +78,9 @@ class H2Session(asyncio.BufferedProtocol):
         # opening a stream. What peers send is still validated.
         config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None,
                                            validate_outbound_headers=False,
-                                           normalize_outbound_headers=False)
+                                           normalize_outbound_headers=False,
+                                           validate_inbound_headers=self.client_side
+                                           or H2_VALIDATES_CONNECT)
         self.conn = ZeroCopyH2Connection(config=config)
         self.conn.state_machine = _DrainableStateMachine()
         self.limits = limits

@@ -35,6 +35,38 @@ log = logging.getLogger("ztproxy.inbound")
 _FORWARDED_FOR = re.compile(r'for="?([^";,]+)"?', re.IGNORECASE)
 
 
+_CONNECTION_SPECIFIC = frozenset([b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
+                                  b"upgrade"])
+
+
+def connect_header_problem(headers) -> Optional[str]:
+    """Why a CONNECT header block is malformed (RFC 9113 sections 8.2 and 8.5), or None.
+
+    h2 checks this itself from 4.4 on; on older h2 (Python 3.9 nodes) its inbound validation is off
+    because it wrongly demands :path in a CONNECT (see h2session.H2_VALIDATES_CONNECT), so the same
+    rules are enforced here, on every version.
+    """
+    seen_pseudo = set()
+    regular_started = False
+    for raw_name, _value in headers:
+        name = bytes(raw_name)
+        if name.startswith(b":"):
+            if regular_started:
+                return f"pseudo-header {name!r} after a regular header"
+            if name in seen_pseudo:
+                return f"pseudo-header {name!r} repeated"
+            if name not in (b":method", b":authority"):
+                return f"pseudo-header {name!r} is not allowed in a CONNECT request"
+            seen_pseudo.add(name)
+            continue
+        regular_started = True
+        if name != name.lower():
+            return f"header name {name!r} is not lowercase"
+        if name in _CONNECTION_SPECIFIC:
+            return f"connection-specific header {name!r}"
+    return None
+
+
 def parse_forwarded_for(value: str) -> Optional[Tuple[str, int]]:
     """The client address from ``forwarded: for="ip:port"`` (RFC 7239; IPv6 as "[ip]:port")."""
     match = _FORWARDED_FOR.search(value)
@@ -102,6 +134,10 @@ class HboneServerSession(H2Session):
         sid = event.stream_id
         if self._last_stream_before_goaway is not None and sid > self._last_stream_before_goaway:
             self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        problem = connect_header_problem(event.headers)
+        if problem:
+            self._refuse(sid, 400, problem)
             return
         headers: Dict[bytes, bytes] = {}
         for name, value in event.headers:

@@ -18,8 +18,14 @@ from ztproxy.h2frames import FrameReader, ZeroCopyH2Connection
 BIG = 1 << 20
 
 
+# h2 before 4.4 (what Python 3.9 gets) rejects an RFC 9113 CONNECT without :path: validation is off there.
+_MODERN_H2 = tuple(int(x) for x in h2.__version__.split(".")[:2]) >= (4, 4)
+
+
 def _config(client: bool) -> h2.config.H2Configuration:
-    return h2.config.H2Configuration(client_side=client, header_encoding=None)
+    return h2.config.H2Configuration(client_side=client, header_encoding=None,
+                                     validate_outbound_headers=_MODERN_H2,
+                                     validate_inbound_headers=_MODERN_H2)
 
 
 def _stock(client: bool) -> h2.connection.H2Connection:

@@ -29,8 +29,12 @@ sysctl -a 2>/dev/null | grep '^net\.' | grep -v -e 'nf_conntrack_count' | sort
 
 section "systemd unit files";      systemctl list-unit-files --no-legend --no-pager | sort
 section "systemd units"
-# Loaded units and their states; transient scopes of `podman exec` sessions come and go.
-systemctl list-units --all --no-legend --no-pager --plain | grep -v -e '\.scope ' | awk '{print $1, $2, $3, $4}' | sort
+# Loaded units and their states. Left out: transient scopes of `podman exec` sessions, which come and
+# go, and the active state of targets: a target is a synchronization point that becomes active when a
+# unit ordered against it runs (network-pre.target on a node without a network manager) and holds no
+# configuration; a reboot resets it. Services, mounts, sockets, timers and unit files are compared.
+systemctl list-units --all --no-legend --no-pager --plain | grep -v -e '\.scope ' -e '\.target ' \
+    | awk '{print $1, $2, $3, $4}' | sort
 
 section "users and groups"
 cat /etc/passwd /etc/group
