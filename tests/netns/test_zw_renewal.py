@@ -113,7 +113,9 @@ def test_run_renews_from_the_mesh_ca_and_serves_the_new_certificate(netns, tmp_p
         assert signer.poll() is None, signer_log.read_text()
         wait_for(lambda: "ztproxy ready" in proxy_log.read_text() or proxy.poll() is not None, 20, "ztproxy")
         assert proxy.poll() is None, proxy_log.read_text()
-        assert "online certificate renewal from 127.0.0.1" in proxy_log.read_text()
+        # The renewer starts right after the listeners announce readiness: wait for its line too.
+        wait_for(lambda: "online certificate renewal from 127.0.0.1" in proxy_log.read_text(), 10,
+                 "the renewer to start")
 
         key = pki.generate_key()
         client = pki.issue_leaf(ca, key.public_key(),
