@@ -14,14 +14,19 @@ for tool in iptables-legacy iptables-nft ip6tables-legacy ip6tables-nft; do
     "$tool-save" 2>&1 | grep -v '^#' | sed -e 's/\[[0-9]*:[0-9]*\]/[0:0]/'
 done
 
+# Values the kernel picks by itself when a link is (re)created are masked: the random MAC of a
+# tunnel link, the IPv6 link-local address and route derived from it, the random hash seed of a set.
+mask() { sed -e 's/fe80::[0-9a-f:]*/fe80::<from-mac>/g' -e 's/link\/ether [0-9a-f:]*/link\/ether <mac>/g' \
+             -e 's/ initval 0x[0-9a-f]*//'; }
+
 section "ip rule";                 ip rule show
 section "ip -6 rule";              ip -6 rule show
-section "ip route show table all"; ip route show table all
-section "ip -6 route show table all"; ip -6 route show table all
-section "ipset";                   ipset save 2>&1
+section "ip route show table all"; ip route show table all | mask | sort
+section "ip -6 route show table all"; ip -6 route show table all | mask | sort
+section "ipset";                   ipset save 2>&1 | mask
 # Interface indexes are left out: a link that was deleted and rebuilt is the same link to its users.
-section "links";                   ip -d -o link show | sed -e 's/^[0-9]*: //' -e 's/ link-netnsid [0-9]*//' | sort
-section "addresses";               ip -o addr show | sed -e 's/^[0-9]*: //' -e 's/ valid_lft .*//' | sort
+section "links";                   ip -d -o link show | sed -e 's/^[0-9]*: //' -e 's/ link-netnsid [0-9]*//' | mask | sort
+section "addresses";               ip -o addr show | sed -e 's/^[0-9]*: //' -e 's/ valid_lft .*//' | mask | sort
 section "network namespaces";      ip netns list; ls -la /run/netns 2>&1 | sed -e '1d' | awk '{print $1, $3, $4, $NF}'
 section "sysctl net.*"
 # nf_conntrack_count is the number of tracked connections at this instant.
