@@ -156,3 +156,11 @@ def probe_in_throwaway_netns(probe: Callable[[], None], timeout: float = _PROBE_
         os.close(read_end)
     code = os.waitstatus_to_exitcode(status)  # negative when killed by a signal
     return ProbeResult(code == 0, code if code > 0 else 0, message)
+
+
+def exit_with_result(module, result: dict) -> None:
+    """Exit with ``result``; its ``diff`` (before/after of what the module owns) only in diff mode."""
+    diff = result.pop("diff", None)
+    if module._diff and diff is not None:
+        result["diff"] = diff
+    module.exit_json(**result)

@@ -143,7 +143,7 @@ removed:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail
+from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
 from ansible.module_utils.ztmesh_ipset import (
     SET_TYPES,
     IpsetError,
@@ -240,9 +240,7 @@ def main() -> None:
         result = run(module.params, module.check_mode)
     except (IpsetError, ScratchError) as exc:
         module.fail_json(msg=str(exc))
-    if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+    exit_with_result(module, result)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ chains:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.ztmesh_backend import BACKENDS, backend_commands, detect_iptables_backend, which
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail
+from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
 from ansible.module_utils.ztmesh_iptables import (
     BUILTIN_CHAINS,
     IptablesError,
@@ -284,9 +284,7 @@ def main() -> None:
         result = run(module.params, module.check_mode)
     except (IptablesError, ScratchError) as exc:
         module.fail_json(msg=str(exc))
-    if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+    exit_with_result(module, result)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ from ansible.module_utils.ztmesh_common import (
     entered_netns,
     netns_exists,
     netns_path,
+    exit_with_result,
 )
 from ansible.module_utils.ztmesh_links import (
     NetlinkError,
@@ -450,10 +451,7 @@ def main() -> None:
     require_pyroute2(module)
     enter_netns_or_fail(module)
     result = run(module)
-    diff = result.pop("diff")
-    if module._diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    exit_with_result(module, result)
 
 
 if __name__ == "__main__":

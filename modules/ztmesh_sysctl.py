@@ -116,7 +116,7 @@ import os
 import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail
+from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
 from ansible.module_utils.ztmesh_sysctl import (
     SysctlError,
     apply,
@@ -240,10 +240,7 @@ def main() -> None:
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
     enter_netns_or_fail(module)
     result = run(module)
-    diff = result.pop("diff")
-    if module._diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    exit_with_result(module, result)
 
 
 if __name__ == "__main__":

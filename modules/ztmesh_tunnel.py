@@ -177,7 +177,7 @@ recreated:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail
+from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
 from ansible.module_utils.ztmesh_links import (
     EOPNOTSUPP,
     NetlinkError,
@@ -406,10 +406,7 @@ def main() -> None:
     require_pyroute2(module)
     enter_netns_or_fail(module)
     result = run(module)
-    diff = result.pop("diff")
-    if module._diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    exit_with_result(module, result)
 
 
 if __name__ == "__main__":
