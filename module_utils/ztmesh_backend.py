@@ -52,6 +52,9 @@ class IptablesBackend:
     ip_version: 4 or 6.
     reason:   one sentence saying why this backend was chosen (for messages and facts).
     rule_counts: ``{"legacy": n, "nft": n}``, rules found in each backend (-1: tool missing or failed).
+    tables:   ``{"legacy": [...], "nft": [...]}``, tables each backend's ``*-save`` lists (the tables
+              that exist now: the ztmesh_node role records them so uninstall can delete only the
+              tables ztmesh created).
     """
 
     backend: str
@@ -62,6 +65,7 @@ class IptablesBackend:
     ip_version: int = 4
     reason: str = ""
     rule_counts: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -73,6 +77,7 @@ class IptablesBackend:
             "ip_version": self.ip_version,
             "reason": self.reason,
             "rule_counts": dict(self.rule_counts),
+            "tables": {backend: list(names) for backend, names in self.tables.items()},
         }
 
 
@@ -161,6 +166,12 @@ def _count_rules(dump: Optional[str]) -> int:
     return sum(1 for line in dump.splitlines() if line.startswith("-A "))
 
 
+def _table_names(dump: Optional[str]) -> List[str]:
+    if not dump:
+        return []
+    return sorted(line[1:].strip() for line in dump.splitlines() if line.startswith("*"))
+
+
 def _has_chain(dump: Optional[str], predicate: Callable[[str], bool]) -> bool:
     if not dump:
         return False
@@ -178,15 +189,16 @@ def detect_iptables_backend(ip_version: int = 4, runner: Optional[Runner] = None
     default_version, default_mode = _default_mode(ip_version, run)
     dumps = {b: _save_output(b, ip_version, run, default_mode) for b in BACKENDS}
     counts = {b: _count_rules(dumps[b]) for b in BACKENDS}
+    tables = {b: _table_names(dumps[b]) for b in BACKENDS}
     available = [b for b in BACKENDS if dumps[b] is not None or default_mode == b]
     if not available:
         return IptablesBackend(backend="none", version=None, iptables=None, save=None, restore=None,
-                               ip_version=ip_version, rule_counts=counts,
+                               ip_version=ip_version, rule_counts=counts, tables=tables,
                                reason=f"no {_tool(ip_version, '')} command is installed")
 
     def pick(backend: str, reason: str) -> IptablesBackend:
         chosen = backend_commands(backend, ip_version, run, reason)
-        return replace(chosen, rule_counts=counts)
+        return replace(chosen, rule_counts=counts, tables=tables)
 
     owned = [b for b in BACKENDS if _has_chain(dumps[b], lambda c: c.startswith(OWNED_CHAIN_PREFIX))]
     if len(owned) == 1:

@@ -24,6 +24,29 @@ _CLONE_NEWNET = 0x40000000
 NETNS_ARGUMENT_SPEC = {"netns": {"type": "str", "required": False, "default": None}}
 
 
+def _mount_id(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    finally:
+        os.close(fd)
+    raise ValueError("no mnt_id in fdinfo")
+
+
+def is_mount_point(path: str) -> bool:
+    """Is ``path`` the root of a mount? os.path.ismount misses a directory bind-mounted onto itself
+    (what ``ip netns add`` does to /run/netns: same device), and /proc/self/mountinfo also lists mounts
+    hidden under a later one; the mount id of the path against its parent's is exact."""
+    real = os.path.realpath(path)
+    try:
+        return _mount_id(real) != _mount_id(os.path.dirname(real))
+    except (OSError, ValueError):
+        return os.path.ismount(path)
+
+
 class NetnsError(Exception):
     """The requested network namespace cannot be entered."""
 

@@ -207,9 +207,16 @@ def referenced_sets(specs: Sequence[ChainSpec]) -> List[str]:
 
 @dataclass
 class TableDump:
-    """One table of an ``iptables-save`` dump: chains in declaration order with their ``-A`` lines."""
+    """One table of an ``iptables-save`` dump: chains in declaration order with their ``-A`` lines.
+
+    ``exists`` says whether the dump listed the table at all (absent tables still get their built-in
+    chains, empty, so callers need not special-case them); ``policies`` maps the chains of the dump to
+    their policy (``-`` for user chains).
+    """
 
     chains: Dict[str, List[str]] = field(default_factory=dict)
+    exists: bool = False
+    policies: Dict[str, str] = field(default_factory=dict)
 
 
 def parse_save(text: str, table: str) -> TableDump:
@@ -218,13 +225,16 @@ def parse_save(text: str, table: str) -> TableDump:
     for line in text.splitlines():
         if line.startswith("*"):
             inside = line[1:].strip() == table
+            dump.exists = dump.exists or inside
             continue
         if not inside:
             continue
         if line.startswith("COMMIT"):
             inside = False
         elif line.startswith(":"):
-            dump.chains.setdefault(line[1:].split(" ", 1)[0], [])
+            words = line[1:].split()
+            dump.chains.setdefault(words[0], [])
+            dump.policies[words[0]] = words[1] if len(words) > 1 else "-"
         elif line.startswith("-A "):
             chain = line.split(" ", 2)[1]
             dump.chains.setdefault(chain, []).append(line)
@@ -346,6 +356,26 @@ def plan_absent(table: str, names: Sequence[str], tag: str, live: TableDump) -> 
     return IptablesPlan(lines=lines, before=owned_view(live, table, names, tag), after={})
 
 
+def empty_after_absent(table: str, names: Sequence[str], tag: str, live: TableDump) -> bool:
+    """Will the table hold nothing once the owned chains and their tagged jumps are gone?
+
+    Nothing means: no user chain of anyone else, no rule in any built-in chain, every built-in chain
+    with policy ACCEPT. Such a table filters nothing; deleting it changes no packet's fate.
+    """
+    if not live.exists:
+        return False
+    for chain, rules in live.chains.items():
+        if chain in names:
+            continue
+        if chain not in BUILTIN_CHAINS[table]:
+            return False
+        if live.policies.get(chain, "ACCEPT") != "ACCEPT":
+            return False
+        if any(not is_tagged_jump(line, tag, names) for line in rules):
+            return False
+    return True
+
+
 def render_view(view: Dict[str, List[str]]) -> str:
     """Diff text: owned chains and jumps in iptables-save form."""
     out: List[str] = []
@@ -461,4 +491,20 @@ def apply_live(restore_cmd: str, table: str, lines: Sequence[str]) -> None:
             f"{restore_cmd.rsplit('/', 1)[-1]} refused the change to the {table} table"
             + (f" at line {number} ({line!r})" if line else "")
             + f": {' '.join(err.split())}; the transaction was not committed, nothing was changed"
+        )
+
+
+def delete_empty_nft_table(nft_cmd: str, ip_version: int, table: str) -> None:
+    """Delete an iptables-nft table that holds nothing (see ``empty_after_absent``).
+
+    nft deletes a table with whatever it holds, and this nft/kernel pair deletes a chain with its rules
+    too (no "delete only if empty"): the caller reads the table again right before calling this, which
+    leaves a window of one process start for another writer to add to a table nobody used.
+    """
+    family = "ip" if ip_version == 4 else "ip6"
+    rc, _out, err = run_tool([nft_cmd, "delete", "table", family, table])
+    if rc != 0:
+        raise IptablesError(
+            f"the {table} table was empty but 'nft delete table {family} {table}' failed: "
+            f"{' '.join(err.split())}; it was left in place (rerun to retry)"
         )

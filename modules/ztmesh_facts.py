@@ -127,6 +127,29 @@ ansible_facts:
               type: dict
               returned: always
               sample: {legacy: 0, nft: 12}
+            tables:
+              description:
+                - Tables each backend lists now (C(*-save)); reading them creates none. The ztmesh_node
+                  role records them at first install, so uninstall deletes only the tables ztmesh created.
+              type: dict
+              returned: always
+              sample: {legacy: [], nft: [filter, nat]}
+        netns_run_dir:
+          description:
+            - C(/run/netns), where named network namespaces are mounted. The first C(ip netns add) on a
+              host creates it and makes it a shared mount point; uninstall undoes that only when it was
+              not there before ztmesh.
+          type: dict
+          returned: always
+          contains:
+            exists:
+              description: Whether the directory exists.
+              type: bool
+              returned: always
+            mounted:
+              description: Whether it is a mount point.
+              type: bool
+              returned: always
         ip_forward:
           description: Whether C(net.ipv4.ip_forward) is 1 in the namespace.
           type: bool
@@ -145,7 +168,9 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.ztmesh_backend import detect_iptables_backend, which
 from ansible.module_utils.ztmesh_common import (
     NETNS_ARGUMENT_SPEC,
+    NETNS_RUN_DIR,
     enter_netns_or_fail,
+    is_mount_point,
     probe_in_throwaway_netns,
 )
 from ansible.module_utils.ztmesh_links import PYROUTE2_IMPORT_ERROR, probe_link_create
@@ -222,7 +247,8 @@ def gather() -> dict:
         "socket_match": bool(iptables) and probe_command([iptables, "-w", "5", *SOCKET_RULE]),
         "ipset": ipset_facts(),
         "iptables": {key: value for key, value in backend.as_dict().items()
-                     if key in ("backend", "version", "reason", "save", "restore", "rule_counts")},
+                     if key in ("backend", "version", "reason", "save", "restore", "rule_counts", "tables")},
+        "netns_run_dir": {"exists": os.path.isdir(NETNS_RUN_DIR), "mounted": is_mount_point(NETNS_RUN_DIR)},
         "ip_forward": ip_forward(),
         "netns_supported": probe_in_throwaway_netns(lambda: None).ok,
     }

@@ -65,6 +65,17 @@ options:
     type: str
     default: present
     choices: [present, absent]
+  remove_empty_table:
+    description:
+      - With O(state=absent), also delete the table itself when nothing else is left in it (no other
+        user chain, no rule in a built-in chain, every built-in chain with policy ACCEPT). Such a table
+        filters nothing; deleting it puts back a host on which the table did not exist.
+      - Set it only for a table ztmesh created (the ztmesh_node role records which tables existed before
+        its first run). Needs the C(nft) command (nftables package) with the nft backend. The legacy
+        backend cannot delete a table (the kernel keeps it, empty, until its module is unloaded), so
+        the module then leaves it and warns.
+    type: bool
+    default: false
   netns:
     description: Named network namespace (C(/run/netns/NAME)) to act in; default the current one.
     type: str
@@ -127,6 +138,11 @@ chains:
   elements: dict
   sample: [{"name": "ztunnel-POSTROUTING", "jump_from": "POSTROUTING",
             "rules": ["-m mark --mark 0x100/0x100 -m comment --comment ztmesh -j ACCEPT"]}]
+table_removed:
+  description: Whether the (empty) table was deleted, or would be in check mode (O(remove_empty_table)).
+  returned: always
+  type: bool
+  sample: false
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -137,6 +153,8 @@ from ansible.module_utils.ztmesh_iptables import (
     IptablesError,
     apply_live,
     canonical_dump,
+    delete_empty_nft_table,
+    empty_after_absent,
     parse_save,
     plan_absent,
     plan_present,
@@ -166,6 +184,7 @@ def argument_spec() -> dict:
         "backend": {"type": "str", "default": "auto", "choices": ["auto", "legacy", "nft"]},
         "ip_version": {"type": "int", "default": 4, "choices": [4, 6]},
         "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
+        "remove_empty_table": {"type": "bool", "default": False},
     }
     spec.update(NETNS_ARGUMENT_SPEC)
     return spec
@@ -236,6 +255,26 @@ def chains_result(specs, after) -> list:
     ]
 
 
+def table_removal(params: dict, chosen, names, live, warnings: list) -> bool:
+    """Whether this absent run deletes the table too (remove_empty_table); explains when it cannot."""
+    table = params["table"]
+    if not params["remove_empty_table"] or not empty_after_absent(table, names, params["comment_tag"], live):
+        return False
+    if chosen.backend != "nft":
+        warnings.append(
+            f"the {table} table is empty but stays: the {chosen.backend} backend cannot delete a table "
+            f"(the kernel keeps it until the iptable_{table} module is unloaded); it filters nothing"
+        )
+        return False
+    if not which("nft"):
+        warnings.append(
+            f"the {table} table is empty but stays: deleting it needs the nft command; install the "
+            f"nftables package and rerun; it filters nothing meanwhile"
+        )
+        return False
+    return True
+
+
 def run(params: dict, check_mode: bool) -> dict:
     table = params["table"]
     tag = params["comment_tag"]
@@ -244,9 +283,14 @@ def run(params: dict, check_mode: bool) -> dict:
     chosen = choose_backend(params)
     backend_info = {"backend": chosen.backend, "version": chosen.version, "reason": chosen.reason}
     live = read_live(chosen.save, table)
+    warnings: list = []
+    drop_table = False
 
+    if params["remove_empty_table"] and params["state"] != "absent":
+        raise IptablesError("remove_empty_table applies to state=absent only; nothing was changed")
     if params["state"] == "absent":
         plan = plan_absent(table, names, tag, live)
+        drop_table = table_removal(params, chosen, names, live, warnings)
     else:
         refuse_mixing(chosen, table, names)
         foreign = [c for c in live.chains if c not in names and c not in BUILTIN_CHAINS[table]]
@@ -269,11 +313,24 @@ def run(params: dict, check_mode: bool) -> dict:
                 f"iptables-restore succeeded but the {table} table does not read back as written "
                 f"(left: {left}); another process may be writing the same chains at the same time"
             )
+    if drop_table and not check_mode:
+        # Read again right before deleting: only a table that is still empty goes.
+        now = read_live(chosen.save, table)
+        if empty_after_absent(table, [], tag, now):
+            delete_empty_nft_table(which("nft"), chosen.ip_version, table)
+        else:
+            drop_table = False
+            warnings.append(f"the {table} table gained content while ztmesh removed its chains: left as is")
+    before_view = render_view(plan.before)
+    if drop_table:
+        before_view = f"*{table} (empty: deleted)\n" + before_view
     return {
-        "changed": bool(plan.lines),
+        "changed": bool(plan.lines) or drop_table,
+        "table_removed": drop_table,
+        "warnings": warnings,
         "backend": backend_info,
         "chains": chains_result(specs, plan.after) if params["state"] == "present" else [],
-        "diff": {"before": render_view(plan.before), "after": render_view(plan.after)},
+        "diff": {"before": before_view, "after": render_view(plan.after)},
     }
 
 
@@ -284,6 +341,8 @@ def main() -> None:
         result = run(module.params, module.check_mode)
     except (IptablesError, ScratchError) as exc:
         module.fail_json(msg=str(exc))
+    for warning in result.pop("warnings"):
+        module.warn(warning)
     exit_with_result(module, result)
 
 

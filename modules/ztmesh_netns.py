@@ -55,6 +55,15 @@ options:
       mtu:
         description: MTU of both ends. Omit to keep the kernel's choice.
         type: int
+  release_run_dir:
+    description:
+      - With O(state=absent), when no named namespace is left in C(/run/netns), also undo what the first
+        C(ip netns add) on a host does, that is unmount the C(/run/netns) mount point and remove the
+        directory.
+      - Set it only when C(/run/netns) did not exist before ztmesh (the ztmesh_node role records that at
+        first install, from the ztmesh_facts C(netns_run_dir) fact).
+    type: bool
+    default: false
   loopback_up:
     description: Bring C(lo) up inside the namespace.
     type: bool
@@ -142,6 +151,7 @@ from ansible.module_utils.ztmesh_common import (
     netns_exists,
     netns_path,
     exit_with_result,
+    is_mount_point,
 )
 from ansible.module_utils.ztmesh_links import (
     NetlinkError,
@@ -181,6 +191,7 @@ def argument_spec() -> dict:
             },
         },
         "loopback_up": {"type": "bool", "default": True},
+        "release_run_dir": {"type": "bool", "default": False},
     }
     spec.update(NETNS_ARGUMENT_SPEC)
     return spec
@@ -344,6 +355,31 @@ class Namespaces:
             self.inner.close()
 
 
+def run_dir_releasable(name: str) -> bool:
+    """Is /run/netns there, holding nothing but (at most) the namespace being removed?"""
+    if not os.path.isdir(NETNS_RUN_DIR):
+        return False
+    return all(entry == name for entry in os.listdir(NETNS_RUN_DIR))
+
+
+def release_run_dir(module) -> None:
+    """Unmount /run/netns (iproute2 may have bind-mounted it onto itself) and remove it."""
+    umount = module.get_bin_path("umount", required=True)
+    # A bind mount onto itself can be stacked (iproute2 and pyroute2 each mount when it is not yet a
+    # mount point); a bounded loop takes off every layer.
+    for _layer in range(8):
+        if not is_mount_point(NETNS_RUN_DIR):
+            break
+        rc, _out, err = module.run_command([umount, NETNS_RUN_DIR])
+        if rc != 0:
+            module.fail_json(msg=f"the namespace was removed, but unmounting {NETNS_RUN_DIR} failed: "
+                                 f"{err.strip()}; something still uses it: find it with "
+                                 f"'findmnt -R {NETNS_RUN_DIR}', then rerun")
+    if os.listdir(NETNS_RUN_DIR):
+        return  # a namespace appeared meanwhile: the directory is in use again
+    os.rmdir(NETNS_RUN_DIR)
+
+
 def create_namespace(name: str) -> None:
     path = netns_path(name)
     if os.path.lexists(path) and not netns_exists(name):
@@ -427,6 +463,9 @@ def absent(module, socks: Namespaces, want: dict, before: dict) -> dict:
         module.warn(f"{veth['host_ifname']} is a {veth['host_kind']} device, not a veth: left in place")
     if before["exists"] or os.path.lexists(netns_path(want["name"])):
         actions.append("delete namespace")
+    release = module.params["release_run_dir"] and run_dir_releasable(want["name"])
+    if release:
+        actions.append(f"release {NETNS_RUN_DIR}")
     pids = namespace_pids(want["name"]) if before["exists"] else []
     if pids:
         module.warn(f"processes {pids} still run in namespace {want['name']}: it stays alive, without its "
@@ -441,6 +480,8 @@ def absent(module, socks: Namespaces, want: dict, before: dict) -> dict:
             pyroute2_netns.remove(want["name"])
         elif os.path.lexists(netns_path(want["name"])):
             os.unlink(netns_path(want["name"]))
+        if release:
+            release_run_dir(module)
     after = {"namespace": want["name"], "exists": False, "loopback_up": False, "veth": {}}
     return {"changed": bool(actions), "actions": actions, "namespace": want["name"], "veth": {},
             "diff": {"before": before, "after": after}}

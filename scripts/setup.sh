@@ -9,7 +9,7 @@ VENV="$REPO/.venv"
 # What the tests, the demo and the benchmarks use. Debian names; all from the Debian archive.
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc make
-    iproute2 iptables ipset kmod procps
+    iproute2 iptables nftables ipset kmod procps util-linux
     podman runc uidmap slirp4netns fuse-overlayfs
     debootstrap qemu-system-x86 e2fsprogs
     stunnel4 haproxy iperf3 tcpdump dnsutils socat netcat-openbsd curl openssl ca-certificates

@@ -29,14 +29,7 @@ FIRST = ("platform",)
 # Scenarios written but not yet passing, each with the data plane defect that stops it (issue 8 stays
 # open until this is empty). They are skipped with this reason printed in the summary, never silently;
 # run one by hand with `molecule test -s NAME` (docs/testing.md) to work on it.
-NOT_YET_PASSING = {
-    "uninstall": "node not byte-for-byte restored: empty iptables tables, /run/netns mount, /etc/ztmesh and "
-                 "an unstopped ztmesh-dataplane.service remain after playbooks/uninstall.yml",
-    "fleet": "DNS-capture hook of ztmesh_node runs inside ztproxy's hardened unit and cannot enter the "
-             "namespace (needs '+' and the host namespace); all traffic, deny, metrics, TLS checks pass",
-    "drift": "its prepare step runs --check on a fresh node, which fails at 'Enable the boot-time "
-             "rebuild' because the unit file is not written in check mode",
-}
+NOT_YET_PASSING: dict[str, str] = {}
 
 IMAGE_BUILD_TIMEOUT = 900
 # One scenario on a loaded 2-core machine; ZTMESH_MOLECULE_TIMEOUT overrides it (seconds).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 
 import pytest
 from ansible_module import run_module
@@ -80,6 +81,17 @@ def test_iptables_backend_follows_the_rules_in_use(netns, sh):
     assert found["rule_counts"][other] == 2 and "more rules" in found["reason"]
     assert found["save"].endswith(f"iptables-{other}-save")
     assert found["restore"].endswith(f"iptables-{other}-restore")
+    # The tables each backend has (reading them created none in the other backend).
+    assert found["tables"][other] == ["filter"]
+    assert found["tables"][expected_default] == []
+
+
+def test_netns_run_dir_is_reported(netns):
+    found = facts(netns)["netns_run_dir"]
+    # The test's own namespace lives in /run/netns, so the directory exists here.
+    # findmnt (util-linux) is the independent judge of "is a mount point".
+    mounted = subprocess.run(["findmnt", "--mountpoint", "/run/netns"], capture_output=True).returncode == 0
+    assert found == {"exists": True, "mounted": mounted}
 
 
 def test_ztmesh_chains_pin_the_backend(netns, sh):

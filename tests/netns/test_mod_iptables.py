@@ -278,3 +278,53 @@ def test_ip6tables(netns, sh) -> None:
     assert save(sh, netns, "nft") == ip4_before  # IPv4 untouched
     assert run_module("ztmesh_iptables", dict(args, state="absent"))["changed"] is True
     assert "ztunnel" not in sh("ip6tables-nft-save", netns=netns).stdout
+
+
+def test_remove_empty_table_deletes_only_a_table_left_empty(netns, sh) -> None:
+    """What ztmesh created goes, tables included (uninstall leaves a node as it was); a table that still
+    holds something of someone else stays, with that content."""
+    assert save(sh, netns, "nft") == ""  # a fresh namespace has no table at all
+    sh("iptables-nft", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT",
+       netns=netns)
+    filter_chains = [{"name": "ztunnel-INPUT", "jump_from": "INPUT", "rules": ["-j RETURN"]}]
+    for table, chains in (("mangle", MANGLE[1:]), ("nat", NAT), ("filter", filter_chains)):
+        assert apply(netns, table, chains, "nft")["changed"] is True
+    absent = {"state": "absent", "remove_empty_table": True}
+
+    # Check mode: reported, nothing deleted.
+    before = save(sh, netns, "nft")
+    result = apply(netns, "nat", NAT, "nft", check=True, diff=True, extra=absent)
+    assert result["changed"] is True and result["table_removed"] is True, result
+    assert result["diff"]["before"].startswith("*nat (empty: deleted)")
+    assert save(sh, netns, "nft") == before
+
+    for table, chains in (("mangle", MANGLE[1:]), ("nat", NAT)):
+        result = apply(netns, table, chains, "nft", extra=absent)
+        assert result["changed"] is True and result["table_removed"] is True, result
+    result = apply(netns, "filter", filter_chains, "nft", extra=absent)
+    assert result["changed"] is True and result["table_removed"] is False, result
+    assert save(sh, netns, "nft") == (
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+    )
+    tables = sh("nft", "list", "tables", netns=netns).stdout.split("\n")
+    assert "table ip mangle" not in tables and "table ip nat" not in tables, tables
+
+    # Second run: nothing left to do.
+    for table, chains in (("mangle", MANGLE[1:]), ("nat", NAT), ("filter", filter_chains)):
+        result = apply(netns, table, chains, "nft", extra=absent)
+        assert result["changed"] is False and result["table_removed"] is False, result
+
+
+def test_remove_empty_table_with_legacy_warns_and_keeps_the_table(netns, sh) -> None:
+    assert apply(netns, "nat", NAT, "legacy")["changed"] is True
+    result = apply(netns, "nat", NAT, "legacy", extra={"state": "absent", "remove_empty_table": True})
+    assert result["changed"] is True and result["table_removed"] is False, result
+    assert any("legacy backend cannot delete" in w for w in result.get("warnings", [])), result
+    assert "*nat" in save(sh, netns, "legacy") and "ztunnel" not in save(sh, netns, "legacy")
+
+
+def test_remove_empty_table_is_refused_with_state_present(netns, sh) -> None:
+    result = apply(netns, "nat", NAT, "nft", extra={"remove_empty_table": True})
+    assert result.get("failed") and "state=absent only" in result["msg"], result
+    assert save(sh, netns, "nft") == ""

@@ -7,8 +7,10 @@ import itertools
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from ansible_module import run_module
@@ -174,3 +176,39 @@ def test_refuses_to_take_over_a_non_veth_host_link(netns, proxy_ns, sh):
     assert result["failed"] is True and "not a veth" in result["msg"]
     assert link(sh, netns, "ztproxy0")["linkinfo"]["info_kind"] == "vxlan"
     assert not os.path.lexists(f"/run/netns/{proxy_ns}")
+
+
+def test_release_run_dir_undoes_the_first_ip_netns_add(tmp_path):
+    """On a host without /run/netns, creating a namespace makes it (a shared mount point); absent with
+    release_run_dir puts the host back. Run in a private mount namespace with its own empty /run, so the
+    real /run/netns (and every namespace of other tests) is never touched."""
+    script = tmp_path / "release.py"
+    script.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from ansible_module import run_module\n"
+        "seen = {'before': os.path.exists('/run/netns')}\n"
+        "seen['create'] = run_module('ztmesh_netns', {'name': 'ztrel'})['changed']\n"
+        "seen['dir_after_create'] = os.path.isdir('/run/netns')\n"
+        "keep = run_module('ztmesh_netns', {'name': 'ztrel', 'state': 'absent'}, check=True)\n"
+        "seen['check_actions'] = keep['actions']\n"
+        "gone = run_module('ztmesh_netns', {'name': 'ztrel', 'state': 'absent', 'release_run_dir': True})\n"
+        "seen['absent_actions'] = gone['actions']\n"
+        "seen['after'] = os.path.exists('/run/netns')\n"
+        "again = run_module('ztmesh_netns', {'name': 'ztrel', 'state': 'absent', 'release_run_dir': True})\n"
+        "seen['second_changed'] = again['changed']\n"
+        "print(json.dumps(seen))\n"
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs ztmesh-test-run /run && exec {sys.executable} {script}"],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {
+        "before": False, "create": True, "dir_after_create": True,
+        "check_actions": ["delete namespace"],
+        "absent_actions": ["delete namespace", "release /run/netns"],
+        "after": False, "second_changed": False,
+    }, seen

@@ -158,7 +158,8 @@ def test_as_dict_is_plain_data(host):
     fake = host()
     data = backend.detect_iptables_backend(runner=fake.run).as_dict()
     assert set(data) == {"backend", "version", "iptables", "save", "restore", "ip_version", "reason",
-                         "rule_counts"}
+                         "rule_counts", "tables"}
+    assert set(data["tables"]) == {"legacy", "nft"}
 
 
 # ----------------------------------------------------------------- names and addresses
