@@ -39,11 +39,7 @@ from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger("ztproxy.admin")
 
-# Ports and binds (ztunnel's).
-ADMIN_ADDRESS = ("127.0.0.1", 15000)
-METRICS_ADDRESS = ("0.0.0.0", 15020)
-READINESS_ADDRESS = ("0.0.0.0", 15021)
-
+# The listen addresses (ztunnel's ports) are settings: ztproxy/config.py, Listeners.
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers
 MAX_BODY_BYTES = 64 * 1024
 REQUEST_TIMEOUT = 5.0  # seconds to receive the whole request

@@ -52,7 +52,7 @@ from ztproxy.telemetry import CounterFamily, FamilyCollector, HistogramFamily
 
 log = logging.getLogger("ztproxy.dns")
 
-DNS_PORT = 15053
+# The listen address (port 15053) is a setting: ztproxy/config.py, Listeners.dns.
 DEFAULT_DOMAIN = "cluster.local"
 DEFAULT_TTL = 30  # ztunnel's DEFAULT_TTL_SECONDS
 UPSTREAM_TIMEOUT = 2.0  # per upstream attempt
