@@ -35,7 +35,7 @@ import random
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import dns.asyncquery
 import dns.exception
@@ -393,6 +393,8 @@ class DnsProxy:
             self.update_state(state)
         self._udp_transports: List[asyncio.DatagramTransport] = []
         self._tcp_servers: List[asyncio.AbstractServer] = []
+        # Open TCP connections' handlers: server.close() does not end them (Python < 3.12).
+        self._tcp_handlers: Set[asyncio.Task] = set()
         self._inflight = 0
         self._tasks: set = set()
 
@@ -514,6 +516,15 @@ class DnsProxy:
             transport.close()
         for server in self._tcp_servers:
             server.close()
+        # End the open TCP connections while the loop still runs: left to the loop's teardown, their
+        # transports detach from an already closed server, which Python 3.11's asyncio.Server trips
+        # over (TypeError in Server._wakeup, fixed in 3.12).
+        handlers = list(self._tcp_handlers)
+        for task in handlers:
+            task.cancel()
+        if handlers:
+            await asyncio.gather(*handlers, return_exceptions=True)
+        for server in self._tcp_servers:
             await server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
@@ -543,6 +554,9 @@ class DnsProxy:
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._tcp_handlers.add(handler)
         try:
             while True:
                 try:
@@ -561,8 +575,9 @@ class DnsProxy:
         except Exception:
             log.exception("DNS TCP connection from %s failed", peer[0])
         finally:
+            self._tcp_handlers.discard(handler)  # type: ignore[arg-type]
             writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
+            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
                 await writer.wait_closed()
 
 
