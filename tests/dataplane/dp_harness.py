@@ -270,11 +270,15 @@ except OSError as exc:
 _UDP_CLIENT = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(float(sys.argv[3]))
-s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+# Connected, as a resolver's socket is: only an answer from the address asked is received.
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"ping")
 try:
-    print(s.recvfrom(4096)[0].decode().strip())
+    print(s.recv(4096).decode().strip())
 except socket.timeout:
     print("TIMEOUT")
+except OSError as exc:  # an ICMP error reported on the connected socket
+    print(f"ERROR {exc.__class__.__name__}")
 """
 
 
