@@ -18,7 +18,9 @@ the reporting workload's side instead: on the destination side ``bytes_recv`` is
 
 A connection that ends with an error is counted in ``istio_tcp_connections_failed_total`` too. Its close
 carries ztunnel's ``response_flags``: ``DENY`` for an authorization denial (``closed(reason, "DENY")``),
-``-`` otherwise; the open is always counted with ``-``, as ztunnel labels it before the outcome is known.
+``CONNECT`` for any other error (as ztunnel infers for an error without a flag), ``-`` for a connection
+that ended without error; the open is always counted with ``-``, as ztunnel labels it before the outcome
+is known.
 
 The families are a small custom collector rather than ``prometheus_client.Counter``: that class adds a
 ``*_created`` series to every counter, which ztunnel does not expose, and resolving a labelled child on
@@ -77,6 +79,9 @@ TRAFFIC_LABELS = (
 
 _RESPONSE_FLAGS_INDEX = TRAFFIC_LABELS.index("response_flags")
 RESPONSE_FLAG_DENY = "DENY"  # ztunnel's ResponseFlags::AuthorizationPolicyDenied
+# ztunnel's ResponseFlags::ConnectionFailure: the flag of any other failed connection (ztunnel infers
+# it for every error that carries no flag of its own).
+RESPONSE_FLAG_CONNECT = "CONNECT"
 
 ACCESS_LOGGER = "ztproxy.access"
 ACCESS_LOG_FORMATS = ("text", "json")
@@ -443,6 +448,8 @@ class Telemetry:
     def _finish(self, tracker: ConnectionTracker, error: Optional[str],
                 response_flags: Optional[str]) -> None:
         labels = tracker.labels
+        if error and not response_flags:
+            response_flags = RESPONSE_FLAG_CONNECT
         if response_flags:
             labels = labels[:_RESPONSE_FLAGS_INDEX] + (response_flags,) + labels[_RESPONSE_FLAGS_INDEX + 1:]
         self.metrics.closed.inc(labels)

@@ -138,6 +138,19 @@ def test_bytes_metrics_follow_istio_and_the_log_the_reporting_workload(reporter,
     assert f"bytes_recv={log_recv} bytes_sent={log_sent}" in line
 
 
+def test_other_failures_close_with_ztunnels_connect_flag() -> None:
+    metrics = TrafficMetrics(new_registry())
+    tracker = Telemetry(metrics, AccessLog()).opened(_ctx("source"))
+    tracker.closed("connect failed: [Errno 111] Connection refused")
+    flag = TRAFFIC_LABELS.index("response_flags")
+    failed = tracker.labels[:flag] + ("CONNECT",) + tracker.labels[flag + 1:]
+    assert metrics.closed.value(failed) == 1 and metrics.failed.value(failed) == 1
+    assert metrics.closed.value(tracker.labels) == 0
+    ok = Telemetry(metrics, AccessLog()).opened(_ctx("source"))
+    ok.closed()
+    assert metrics.closed.value(ok.labels) == 1 and ok.labels[flag] == "-"
+
+
 def test_a_denial_closes_with_ztunnels_deny_flag_and_opens_without_it() -> None:
     metrics = TrafficMetrics(new_registry())
     tracker = Telemetry(metrics, AccessLog()).opened(_ctx("destination"))
