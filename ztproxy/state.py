@@ -9,7 +9,8 @@ rather than silently ignored. The policies are validated here with the authorize
 carrying it is rejected as a whole (workloads, services and policies always change together).
 
 ztproxy reloads the file when it changes (MeshStateWatcher); a file that does not parse is rejected
-with a logged error and the previous state stays in force.
+with a logged error and the previous state stays in force. So is an empty file, and a file the renderer
+sealed (ztproxy.meshseal) that is no longer whole: cut at an entry boundary it would still parse.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
+from ztproxy import meshseal
 from ztproxy.authz import PolicyError, PolicyIndex
 
 log = logging.getLogger("ztproxy.state")
@@ -384,16 +386,39 @@ def _attach_workload_endpoints(services: List[Service], workloads: List[Workload
 
 def load_mesh_state(path: str, default_trust_domain: str) -> MeshState:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
+        with open(path, "rb") as handle:
+            raw = handle.read()
     except OSError as exc:
         raise MeshStateError(f"cannot read mesh state file {path}: {exc.strerror}") from None
+    return parse_mesh_state_bytes(raw, default_trust_domain, f"mesh state file {path}")
+
+
+def parse_mesh_state_bytes(raw: bytes, default_trust_domain: str, source: str = "mesh state") -> MeshState:
+    """A mesh state file's bytes -> MeshState. A sealed file (ztproxy.meshseal, as the renderer writes
+    it) must be whole; any file must hold a document: an empty one, as a half-written or truncated copy
+    leaves, would drop every workload, so it is refused and the previous state stays in force."""
+    try:
+        expected = meshseal.verify(raw)
+    except meshseal.SealError as exc:
+        raise MeshStateError(f"{source}: refused: {exc}") from None
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
+    except UnicodeDecodeError as exc:
+        raise MeshStateError(f"{source} is not UTF-8 text: {exc}") from None
     except yaml.YAMLError as exc:
-        raise MeshStateError(f"mesh state file {path} is not valid YAML: {exc}") from None
+        raise MeshStateError(f"{source} is not valid YAML: {exc}") from None
+    if data is None:
+        raise MeshStateError(
+            f"{source} is empty (no workloads, services or policies keys): refused, a partial write leaves "
+            f"such a file; write at least 'workloads: []' for a mesh that really has nothing")
+    try:
+        meshseal.check_counts(expected, data)
+    except meshseal.SealError as exc:
+        raise MeshStateError(f"{source}: refused: {exc}") from None
     try:
         return parse_mesh_state(data, default_trust_domain)
     except MeshStateError as exc:
-        raise MeshStateError(f"mesh state file {path}: {exc}") from None
+        raise MeshStateError(f"{source}: {exc}") from None
 
 
 def file_signature(path: str) -> Optional[Tuple[int, int, int, int]]:

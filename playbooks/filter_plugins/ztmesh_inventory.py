@@ -11,10 +11,12 @@ Pure Python (no Ansible import at module level) so unit tests import it directly
 
 from __future__ import annotations
 
+import difflib
+import glob
 import ipaddress
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 # The defaults of the inventory model: the single place they are written down (docs/inventory.md).
 INVENTORY_DEFAULTS: Dict[str, Any] = {
@@ -41,6 +43,11 @@ POLICY_SCOPES = {"global": "Global", "namespace": "Namespace", "workload": "Work
 MATCH_FIELDS = ("namespaces", "service_accounts", "principals", "source_ips", "destination_ips",
                 "destination_ports")
 ALL_MATCH_FIELDS = MATCH_FIELDS + tuple("not_" + f for f in MATCH_FIELDS)
+
+# The namespace of the node identities (spiffe://<td>/ns/ztmesh-system/sa/node-<node>) and of the signing
+# service (sa/ztmesh-ca). A workload there would get one of those identities signed for its node: another
+# node's identity, or the CA service's. ztproxy's signer refuses it too (ztproxy/identity/signer.py).
+RESERVED_NAMESPACE = "ztmesh-system"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -123,6 +130,16 @@ def _label(where: _Where, value: Any, what: str) -> Optional[str]:
     return value
 
 
+def _namespace(where: _Where, value: Any) -> Optional[str]:
+    namespace = _label(where, value, "namespace")
+    if namespace == RESERVED_NAMESPACE:
+        where.error(f"namespace {RESERVED_NAMESPACE!r} is reserved for the node identities "
+                    f"(node-<node name>) and the signing service (ztmesh-ca): a workload or service there "
+                    f"could obtain one of them; choose another namespace")
+        return None
+    return namespace
+
+
 def _subdomain(where: _Where, value: Any, what: str) -> Optional[str]:
     if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
         where.error(f"{value!r} is not a valid {what}: expected a DNS name such as "
@@ -202,7 +219,7 @@ def _workload(where: _Where, raw: Any) -> Optional[dict]:
                  for i, a in enumerate(_list(where.at("addresses"), data.get("addresses"), "IPv4 addresses"))]
     if data.get("addresses") is not None and not addresses:
         where.at("addresses").error("at least one IPv4 address is required")
-    namespace = _label(where.at("namespace"), data.get("namespace", "default"), "namespace")
+    namespace = _namespace(where.at("namespace"), data.get("namespace", "default"))
     account = _label(where.at("service_account"), data.get("service_account", "default"), "service account")
     ports = [_port(where.at(f"ports[{i}]"), p)
              for i, p in enumerate(_list(where.at("ports"), data.get("ports"), "ports"))]
@@ -307,7 +324,7 @@ def _service(where: _Where, raw: Any, cluster_domain: str, index: WorkloadIndex,
         return None
     before = len(where.problems.all())
     name = _label(where.at("name"), data.get("name"), "service name") if data.get("name") else None
-    namespace = _label(where.at("namespace"), data.get("namespace", "default"), "namespace") or "default"
+    namespace = _namespace(where.at("namespace"), data.get("namespace", "default")) or "default"
     hostname = data.get("hostname") or f"{name}.{namespace}.svc.{cluster_domain}"
     hostname = _subdomain(where.at("hostname"), hostname, "service hostname")
     vip = _ipv4(where.at("vip"), data["vip"]) if data.get("vip") not in (None, "") else None
@@ -443,6 +460,139 @@ def _policy(where: _Where, raw: Any, index: WorkloadIndex, node_hosts: Mapping[s
 
 
 # ---------------------------------------------------------------------------------------------------
+# Variable names: a misspelled ztmesh_*/ztproxy_* variable is an error, never silently ignored
+
+# This file is playbooks/filter_plugins/ztmesh_inventory.py: the playbooks are one level up, the roles two.
+PLAYBOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+ROLES_DIR = os.path.join(PLAYBOOKS_DIR, os.pardir, "roles")
+VARIABLE_PREFIXES = ("ztmesh_", "ztproxy_")
+_VARIABLE_TOKEN = re.compile(r"\b(?:ztmesh|ztproxy)_[A-Za-z0-9_]+")
+_known_cache: Dict[str, FrozenSet[str]] = {}
+
+
+def known_variables() -> FrozenSet[str]:
+    """Every ztmesh_*/ztproxy_* name an inventory may set, read from the code so it cannot drift: the
+    inventory model's own (INVENTORY_DEFAULTS), each role's defaults/main.yml, vars/main.yml and the
+    options of every entry point of meta/argument_specs.yml, and the names the playbooks read (the
+    rollout controls given as extra vars, e.g. ztmesh_serial, and the facts they set)."""
+    if "all" in _known_cache:
+        return _known_cache["all"]
+    import yaml  # Ansible's own dependency; imported here so the model itself needs only the stdlib.
+
+    names = set(INVENTORY_DEFAULTS) | {"ztmesh_node_name"}
+    for role_dir in sorted(glob.glob(os.path.join(ROLES_DIR, "*"))):
+        for part in ("defaults", "vars"):
+            path = os.path.join(role_dir, part, "main.yml")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as handle:
+                    names.update((yaml.safe_load(handle) or {}).keys())
+        path = os.path.join(role_dir, "meta", "argument_specs.yml")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                specs = (yaml.safe_load(handle) or {}).get("argument_specs") or {}
+            for entry in specs.values():
+                names.update((entry or {}).get("options") or {})
+    _known_cache["roles"] = frozenset(n for n in names if isinstance(n, str))
+    for path in glob.glob(os.path.join(PLAYBOOKS_DIR, "*.yml")) + glob.glob(
+            os.path.join(PLAYBOOKS_DIR, "tasks", "*.yml")):
+        with open(path, encoding="utf-8") as handle:
+            names.update(_VARIABLE_TOKEN.findall(handle.read()))
+    _known_cache["all"] = frozenset(n for n in names
+                                    if isinstance(n, str) and n.startswith(VARIABLE_PREFIXES))
+    return _known_cache["all"]
+
+
+def _unknown_message(name: str, known: FrozenSet[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "no known variable is close to it"
+    return (f"unknown variable: {hint} (a misspelled variable is ignored and its setting lost; the "
+            f"known ones are in docs/inventory.md and roles/*/defaults/main.yml)")
+
+
+def _check_variable_names(problems: Problems, hosts: Sequence[str],
+                          variable_names: Mapping[str, Sequence[str]]) -> None:
+    known = known_variables()
+    unknown_on: Dict[str, List[str]] = {}
+    for host in hosts:
+        for name in variable_names.get(host, ()):
+            if isinstance(name, str) and name.startswith(VARIABLE_PREFIXES) and name not in known:
+                unknown_on.setdefault(name, []).append(host)
+    for name in sorted(unknown_on):
+        on = unknown_on[name]
+        if len(on) == len(hosts) and len(hosts) > 1:  # group_vars: one error for the whole mesh
+            problems.add(None, f"{name} (every node)", _unknown_message(name, known))
+        else:
+            for host in on:
+                problems.add(host, name, _unknown_message(name, known))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Address and CIDR variables of the roles: checked here, before any host is changed, rather than on the
+# node by an iptables or ip command whose message names a rule instead of the variable.
+
+ROLE_ADDRESS_SUFFIXES = ("_address", "_addresses", "_cidrs")
+MODEL_ADDRESS_VARIABLES = ("ztmesh_ca_addresses",)  # 'host:port' list, checked by build_fleet
+
+
+def address_variables() -> Tuple[str, ...]:
+    """The roles' variables that hold addresses or CIDRs, found by the naming convention the roles
+    follow (…_address: one IPv4 address, with a prefix length when it configures an interface;
+    …_addresses: a list of them; …_cidrs: a list of networks)."""
+    known_variables()
+    return tuple(sorted(n for n in _known_cache["roles"]
+                        if n.endswith(ROLE_ADDRESS_SUFFIXES) and n not in MODEL_ADDRESS_VARIABLES))
+
+
+def _interface_address(where: _Where, value: Any) -> None:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        address = ipaddress.ip_interface(value)
+    except ValueError:
+        where.error(f"{value!r} is not an IPv4 address (with an optional prefix length, e.g. "
+                    f"192.168.125.1/30 or 10.20.0.5)")
+        return
+    if address.version != 4:
+        where.error(f"{value} is an IPv6 address: ztmesh's data plane is IPv4; use an IPv4 address")
+
+
+def _network(where: _Where, warnings: List[str], host: str, value: Any) -> None:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        where.error(f"{value!r} is not an IPv4 network: expected an address or CIDR such as 10.0.0.0/8 "
+                    f"or 10.20.0.5 (prefix length 0-32)")
+        return
+    if network.version != 4:
+        where.error(f"{value} is an IPv6 network: ztmesh captures IPv4 only, IPv6 is never captured")
+        return
+    if "/" in value and str(network) != value:
+        warnings.append(f"host {host}: {where.path}: {value} has host bits set; it is used as {network} "
+                        f"(write {network} to say so)")
+
+
+def _check_address_variables(problems: Problems, warnings: List[str], host: str,
+                             hostvars: Mapping[str, Any]) -> None:
+    for name in address_variables():
+        if name not in hostvars:
+            continue
+        value = hostvars[name]
+        where = _Where(problems, host, name)
+        if name.endswith("_address"):
+            if value not in (None, ""):
+                _interface_address(where, value)
+            continue
+        items = _list(where, value, "addresses" if name.endswith("_addresses") else "CIDRs")
+        for i, item in enumerate(items):
+            if name.endswith("_cidrs"):
+                _network(where.at(f"[{i}]"), warnings, host, item)
+            else:
+                _interface_address(where.at(f"[{i}]"), item)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The fleet
 
 
@@ -497,15 +647,24 @@ def _check_uniqueness(problems: Problems, nodes: List[dict], services: List[dict
             owners.setdefault(service["vip"], f"service {service['name']}")
 
 
-def build_fleet(hostvars: Mapping[str, Mapping[str, Any]], hosts: Sequence[str]) -> dict:
-    """Normalize and check the whole fleet; returns {..., 'errors': [...], 'errors_by_host': {...}}."""
+def build_fleet(hostvars: Mapping[str, Mapping[str, Any]], hosts: Sequence[str],
+                variable_names: Optional[Mapping[str, Sequence[str]]] = None) -> dict:
+    """Normalize and check the whole fleet; returns {..., 'errors': [...], 'errors_by_host': {...},
+    'warnings': [...]}. ``variable_names``: every variable name each host has (default: the keys of its
+    ``hostvars``), to find misspelled ztmesh_*/ztproxy_* variables."""
     problems = Problems()
     hosts = list(hosts or [])
     if not hosts:
         problems.add(None, "groups['ztmesh_nodes']", "the inventory has no hosts in group ztmesh_nodes: put "
                                                      "every mesh node in that group (docs/inventory.md)")
         return {"errors": problems.all(), "errors_by_host": {}, "fleet_errors": problems.fleet, "nodes": {},
-                "services": [], "policies": []}
+                "services": [], "policies": [], "warnings": []}
+    if variable_names is None:
+        variable_names = {host: list(hostvars[host]) for host in hosts}
+    _check_variable_names(problems, hosts, variable_names)
+    warnings: List[str] = []
+    for host in hosts:
+        _check_address_variables(problems, warnings, host, hostvars[host])
     fleet_vars = {name: _fleet_value(problems, hosts, hostvars, name) for name in FLEET_VARIABLES}
     where = _Where(problems, None, "ztmesh_trust_domain")
     trust_domain = fleet_vars["ztmesh_trust_domain"]
@@ -576,6 +735,7 @@ def build_fleet(hostvars: Mapping[str, Mapping[str, Any]], hosts: Sequence[str])
         "services": services,
         "policies": policies,
         "errors": problems.all(),
+        "warnings": warnings,
         "fleet_errors": list(problems.fleet),
         "errors_by_host": {h: list(e) for h, e in problems.by_host.items()},
     }
@@ -652,10 +812,6 @@ def identity_dirs(identities: Sequence[str], certs_dir: str) -> List[str]:
     return dirs
 
 
-# This file is playbooks/filter_plugins/ztmesh_inventory.py: the roles are two levels up.
-ROLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "roles")
-
-
 def role_options(role: str, exclude: Sequence[str] = ()) -> Dict[str, Any]:
     """The options of a role's main entry point (roles/<role>/meta/argument_specs.yml), for checking an
     inventory against every role before any host is changed (playbooks/validate.yml)."""
@@ -673,7 +829,54 @@ def _hostvars_view(hostvars: Any, hosts: Sequence[str]) -> Dict[str, Mapping[str
     for host in hosts:
         host_vars = hostvars[host]
         view[host] = {name: host_vars[name] for name in names if name in host_vars}
+        for name in address_variables():
+            if name not in host_vars:
+                continue
+            try:
+                view[host][name] = host_vars[name]
+            except Exception:  # noqa: BLE001 -- e.g. a value built from facts, which validate.yml does not
+                continue       # gather: the role checks it on the node
     return view
+
+
+def _fleet_filter(hostvars: Any, hosts: Sequence[str]) -> dict:
+    """The ztmesh_fleet filter: names of every host's variables (keys only: nothing is templated) for the
+    misspelling check, the values of the ones the model reads; warnings go to Ansible's output."""
+    hosts = list(hosts or [])
+    names = {host: [str(n) for n in hostvars[host]] for host in hosts}
+    fleet = build_fleet(_hostvars_view(hostvars, hosts), hosts, variable_names=names)
+    if fleet.get("warnings"):
+        from ansible.utils.display import Display
+
+        for warning in fleet["warnings"]:
+            Display().warning(warning)
+    return fleet
+
+
+def missing_nodes_message(groups: Mapping[str, Any]) -> str:
+    """Why no play would run: group ztmesh_nodes is missing or empty, and the group the operator may
+    have meant."""
+    others = sorted(g for g, members in groups.items()
+                    if g not in ("all", "ungrouped", "ztmesh_nodes") and members)
+    close = difflib.get_close_matches("ztmesh_nodes", others, n=1, cutoff=0.5)
+    hint = f" Did you mean group {close[0]}? Rename it to ztmesh_nodes." if close else ""
+    return (f"the inventory has no host in group ztmesh_nodes, so every play of ztmesh would match no host "
+            f"and change nothing.{hint} Put every mesh node in group ztmesh_nodes (docs/inventory.md); "
+            f"groups with hosts in this inventory: {', '.join(others) or 'none'}")
+
+
+def role_argument_errors(results: Sequence[Mapping[str, Any]], host: str) -> List[str]:
+    """validate_argument_spec results (registered, failures kept) -> one line per wrong variable, naming
+    the host, the role and Ansible's message (which names the variable and the allowed values), instead
+    of the whole argument spec Ansible prints with a failure."""
+    lines = []
+    for result in results or ():
+        role = result.get("item", "?")
+        for message in result.get("argument_errors") or ():
+            lines.append(f"host {host}: role {role}: {message}")
+        if result.get("failed_check") and not result.get("argument_errors"):
+            lines.append(f"host {host}: role {role}: {result.get('msg', 'argument check failed')}")
+    return lines
 
 
 class FilterModule:
@@ -681,7 +884,9 @@ class FilterModule:
 
     def filters(self) -> Dict[str, Callable]:
         return {
-            "ztmesh_fleet": lambda hostvars, hosts: build_fleet(_hostvars_view(hostvars, hosts), hosts),
+            "ztmesh_fleet": _fleet_filter,
+            "ztmesh_missing_nodes_message": missing_nodes_message,
+            "ztmesh_role_argument_errors": role_argument_errors,
             "ztmesh_node_workload_ips": node_workload_ips,
             "ztmesh_node_contained_ips": node_contained_ips,
             "ztmesh_node_host_ips": node_host_ips,

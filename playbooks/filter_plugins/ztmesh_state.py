@@ -5,13 +5,17 @@ loads with ``LOCAL_XDS_PATH`` and ztproxy loads as its mesh state: top-level ``w
 ``policies``, camelCase fields of ztunnel's Workload, Service and Authorization. Every node receives the
 same document; a proxy finds its own workloads by their ``node`` field.
 
-The output is deterministic (sorted), so rendering an unchanged inventory changes no file.
+The output is deterministic (sorted), so rendering an unchanged inventory changes no file. The file is
+sealed (``mesh_state_file``): ztproxy refuses a copy that is not whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from typing import Any, Callable, Dict, List, Mapping
+
+import yaml  # Ansible's own dependency
 
 WORKLOAD_KIND = "networking.istio.io/WorkloadEntry"
 
@@ -129,17 +133,58 @@ def mesh_state(fleet: Mapping[str, Any]) -> dict:
     }
 
 
-def _mesh_state_filter(fleet: Mapping[str, Any]) -> dict:
-    try:
-        return mesh_state(fleet)
-    except ValueError as exc:
-        from ansible.errors import AnsibleFilterError
+# The seal (ztproxy/meshseal.py reads it; docs/ztproxy.md "Mesh state integrity"): the first line says
+# the file is sealed, the last one holds the entry counts and the SHA-256 of every byte before it. A copy
+# cut anywhere, or an empty one, is then refused by ztproxy and the signer, which keep their last good
+# state, instead of being loaded as a mesh without workloads. The format is written out here rather than
+# imported because this runs on the controller, where ztproxy need not be installed;
+# tests/unit/test_zh_mesh_seal.py checks that both sides agree.
+SEAL_HEADER = "# ztmesh-mesh-state v1"
+SEAL_TRAILER = "# ztmesh-mesh-state-end"
+_SECTIONS = ("workloads", "services", "policies")
 
-        raise AnsibleFilterError(str(exc)) from None
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that also writes subclasses of str, int, float, dict and list (Ansible's tagged or
+    unsafe values)."""
+
+
+_Dumper.add_multi_representer(str, yaml.representer.SafeRepresenter.represent_str)
+_Dumper.add_multi_representer(int, yaml.representer.SafeRepresenter.represent_int)
+_Dumper.add_multi_representer(float, yaml.representer.SafeRepresenter.represent_float)
+_Dumper.add_multi_representer(dict, yaml.representer.SafeRepresenter.represent_dict)
+_Dumper.add_multi_representer(list, yaml.representer.SafeRepresenter.represent_list)
+
+
+def mesh_state_file(fleet: Mapping[str, Any]) -> str:
+    """The whole mesh state file: sealed header, the document (keys sorted, block style), seal."""
+    document = mesh_state(fleet)
+    text = yaml.dump(document, Dumper=_Dumper, indent=2, sort_keys=True, default_flow_style=False,
+                     allow_unicode=True, width=1000)
+    body = (f"{SEAL_HEADER} (roles/ztmesh_state): the workloads, services and policies of the mesh,\n"
+            "# rendered from the inventory. ztproxy re-reads this file when it changes and refuses it\n"
+            "# unless it ends with its seal line. Do not edit by hand: run playbooks/refresh-state.yml.\n"
+            f"{text}")
+    counts = " ".join(f"{name}={len(document[name])}" for name in _SECTIONS)
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    return f"{body}{SEAL_TRAILER} {counts} sha256={digest}\n"
+
+
+def _ansible_errors(function: Callable[[Mapping[str, Any]], Any]) -> Callable[[Mapping[str, Any]], Any]:
+    def wrapped(fleet: Mapping[str, Any]) -> Any:
+        try:
+            return function(fleet)
+        except ValueError as exc:
+            from ansible.errors import AnsibleFilterError
+
+            raise AnsibleFilterError(str(exc)) from None
+
+    return wrapped
 
 
 class FilterModule:
     """Ansible entry point."""
 
     def filters(self) -> Dict[str, Callable]:
-        return {"ztmesh_mesh_state": _mesh_state_filter}
+        return {"ztmesh_mesh_state": _ansible_errors(mesh_state),
+                "ztmesh_mesh_state_file": _ansible_errors(mesh_state_file)}

@@ -40,10 +40,10 @@ def example_hostvars() -> Dict[str, Dict[str, Any]]:
 
 
 def render(hostvars: Dict[str, Dict[str, Any]], order=None) -> str:
-    """As the role writes it: YAML text (to_nice_yaml sorts keys)."""
+    """As the role writes it: the sealed file (YAML framed by its seal lines, keys sorted)."""
     fleet = inventory.build_fleet(hostvars, order or list(hostvars))
     assert fleet["errors"] == []
-    return yaml.safe_dump(renderer.mesh_state(fleet), sort_keys=True)
+    return renderer.mesh_state_file(fleet)
 
 
 def test_rendered_state_is_ztunnel_local_config_that_ztproxy_loads() -> None:

@@ -14,6 +14,7 @@ from typing import Dict, FrozenSet, Optional, Set, Tuple
 
 import yaml
 
+from .. import meshseal
 from .pki import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 
 log = logging.getLogger("ztproxy.identity.meshstate")
@@ -30,11 +31,23 @@ class MeshStateError(IdentityError):
 def parse_placements(
     text: str, trust_domain: str = DEFAULT_TRUST_DOMAIN, source: str = "mesh state"
 ) -> Dict[str, FrozenSet[SpiffeId]]:
-    """node name -> identities of the workloads on that node."""
+    """node name -> identities of the workloads on that node. An empty or no longer whole file (see
+    ztproxy.meshseal) is refused like an invalid one, so the last good placements stay in force."""
+    raw = text.encode("utf-8")
     try:
-        data = yaml.safe_load(text) or {}
+        expected = meshseal.verify(raw)
+    except meshseal.SealError as exc:
+        raise MeshStateError(f"{source}: refused: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise MeshStateError(f"{source} is not valid YAML: {exc}") from exc
+    if data is None:
+        raise MeshStateError(f"{source} is empty: refused (a partial write leaves such a file)")
+    try:
+        meshseal.check_counts(expected, data)
+    except meshseal.SealError as exc:
+        raise MeshStateError(f"{source}: refused: {exc}") from exc
     if not isinstance(data, dict):
         raise MeshStateError(f"{source} must be a mapping with 'workloads' (ztunnel's local config format)")
     workloads = data.get("workloads") or []

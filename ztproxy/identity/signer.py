@@ -13,7 +13,9 @@ Authorization (docs/identity.md, "Who may obtain which identity"):
    renew nothing from then on).
 3. The identity signed is the ``ImpersonatedIdentity`` metadata (as ztunnel sends it) or, without it, the
    caller's own node identity. An impersonated identity must belong to a workload the mesh state places
-   on that very node: a stolen node cannot mint the identities of other nodes' workloads.
+   on that very node: a stolen node cannot mint the identities of other nodes' workloads. Nothing in
+   the reserved namespace ``ztmesh-system`` (node identities, the signing service) is ever signed by
+   impersonation, even when a mesh state places a workload there.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .pki import (
     DEFAULT_CERT_TTL,
     DEFAULT_TRUST_DOMAIN,
     MAX_CERT_TTL,
+    NODE_NAMESPACE,
     ROOT_CERT_FILE,
     CaMaterial,
     IdentityError,
@@ -177,6 +180,16 @@ class SigningService:
             wanted = SpiffeId.parse(impersonate)
         except IdentityError as exc:
             raise GrpcError(grpcwire.INVALID_ARGUMENT, f"ImpersonatedIdentity: {exc}") from exc
+        if wanted.namespace == NODE_NAMESPACE:
+            # ztmesh-system holds the node identities and the signing service's own: a node may renew
+            # its own node identity (above) and nothing else there, whatever the mesh state says. A
+            # workload placed in this namespace (hand-written or older mesh state) would otherwise let
+            # its node mint another node's identity, and with it that node's workload identities.
+            raise GrpcError(
+                grpcwire.PERMISSION_DENIED,
+                f"{wanted} is in the reserved namespace {NODE_NAMESPACE} (node identities and the "
+                f"signing service): no node may obtain it, only node-{node} its own node identity",
+            )
         if wanted not in self.mesh_state.identities_on(node):
             raise GrpcError(
                 grpcwire.PERMISSION_DENIED,
