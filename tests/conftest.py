@@ -1,4 +1,4 @@
-"""Test tiers: the folder a test lives in is its tier (unit, netns, molecule, vm).
+"""Test tiers: the folder a test lives in is its tier (unit, fuzz, netns, molecule, vm).
 
 A tier this machine cannot run is skipped with the reason, which ``-ra`` prints in the summary: never
 silently.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TIERS = ("unit", "netns", "molecule", "vm")
+TIERS = ("unit", "fuzz", "netns", "molecule", "vm")
 
 
 def _netns_unavailable() -> str | None:

@@ -84,8 +84,10 @@ class ListenSettings:
     dns: Optional[Address] = ("0.0.0.0", DNS_PORT)  # UDP and TCP
     # The admin server can stop the proxy (/quitquitquit): loopback only, as ztunnel.
     admin: Optional[Address] = ("127.0.0.1", ADMIN_PORT)
-    metrics: Optional[Address] = ("0.0.0.0", METRICS_PORT)
-    readiness: Optional[Address] = ("0.0.0.0", READINESS_PORT)
+    # Loopback by default: the proxy's addresses are routable through the node, so 0.0.0.0 made both
+    # reachable from off the node (issue 13). Set "0.0.0.0:15020" to let a remote scraper in.
+    metrics: Optional[Address] = ("127.0.0.1", METRICS_PORT)
+    readiness: Optional[Address] = ("127.0.0.1", READINESS_PORT)
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,20 @@ Behaviour mirrors ztunnel's DNS proxy (``src/dns/server.rs``):
   ``svc.ns.svc`` -> ``svc.ns.svc.<domain>``), then with a configured search domain stripped (answered
   with a CNAME to the stripped name, as ztunnel does) or appended (``svc`` + ``ns.svc.cluster.local``).
   Wildcard hostnames (``*.example.com``) match as in ztunnel. The client is the workload owning the
-  query's source address; an unknown client (e.g. a host process without a mesh address) gets every
-  form but the namespace-relative ones (ztunnel answers SERVFAIL there; a VM's own processes must keep
-  resolving).
+  query's source address; a client without a namespace (loopback: an operator inside the proxy's
+  namespace) gets every form but the namespace-relative ones.
 * ztmesh addition: a workload is also reachable as ``<name>.<namespace>.svc.<domain>`` (so ``web-1``
   resolves for clients in its namespace), unless a service already has that hostname.
 * Every other query (other types, unknown names) is forwarded to the node's original resolvers in order;
   the upstream's answer is passed through as is (NXDOMAIN, SERVFAIL, REFUSED...), a truncated UDP answer
   is retried over TCP, and an answer too large for the client's UDP size is returned truncated (TC) so
   the client retries over TCP. When no upstream answers, the client gets SERVFAIL.
+
+* Only the node's own workloads are answered (plus loopback, which cannot come from off the node):
+  a query from any other source gets nothing back, not even REFUSED, and a TCP connection from one is
+  closed before anything is read. Otherwise anyone able to route a datagram to the proxy had an open
+  recursive resolver (with about 80 times UDP amplification). ztunnel's DNS proxy, bound inside each
+  pod, serves that pod only.
 
 dnspython does all message parsing and rendering.
 """
@@ -35,7 +40,7 @@ import random
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 import dns.asyncquery
 import dns.exception
@@ -174,6 +179,23 @@ class NameTable:
     domain: str = DEFAULT_DOMAIN
     hosts: Dict[str, List[HostRecord]] = field(default_factory=dict)
     clients: Dict[str, Client] = field(default_factory=dict)
+    # Addresses of this node's own workloads: the only clients answered (besides loopback).
+    local_clients: FrozenSet[str] = frozenset()
+
+    def serves(self, ip: str) -> bool:
+        """Whether a query from ``ip`` is answered at all. As ztunnel's DNS proxy, only the node's own
+        workloads are: captured DNS always comes from one of them (the node captures DNS whose source
+        is in its ipset), while anyone else who can route a datagram to the proxy would otherwise get a
+        recursive resolver that answers spoofed sources, about 80 times larger than the query.
+        Loopback stays allowed: it cannot come from off the node (the kernel drops such sources as
+        martians) and is how an operator asks the proxy inside its namespace."""
+        normal = _normal_ip(ip)
+        if normal in self.local_clients:
+            return True
+        try:
+            return ipaddress.ip_address(normal).is_loopback
+        except ValueError:
+            return False
 
     def client(self, ip: str) -> Optional[Client]:
         return self.clients.get(_normal_ip(ip))
@@ -200,12 +222,14 @@ def _normal_ip(ip: str) -> str:
     return str(address)
 
 
-def build_name_table(state: Any, domain: str = DEFAULT_DOMAIN) -> NameTable:
-    """The names of a mesh state (ztproxy.state.MeshState): services, then workloads."""
+def build_name_table(state: Any, domain: str = DEFAULT_DOMAIN, node: Optional[str] = None) -> NameTable:
+    """The names of a mesh state (ztproxy.state.MeshState): services, then workloads; ``node``: this
+    node's name, whose workloads are the clients served."""
     domain = domain.strip(".").lower()
     svc_suffix = f".svc.{domain}"
-    table = NameTable(domain=domain)
     workloads = list(getattr(state, "workloads", ()) or ())
+    table = NameTable(domain=domain, local_clients=frozenset(
+        _normal_ip(ip) for w in workloads if node is not None and w.node == node for ip in w.workload_ips))
     by_uid = {w.uid: w for w in workloads}
     for service in getattr(state, "services", ()) or ():
         hostname = service.hostname.rstrip(".").lower()
@@ -375,6 +399,7 @@ class DnsProxy:
         timeout: float = UPSTREAM_TIMEOUT,
         ttl: int = DEFAULT_TTL,
         state_provider: Optional[Callable[[], Any]] = None,
+        node: Optional[str] = None,
     ) -> None:
         if not upstreams:
             raise DnsConfigError("the DNS proxy needs at least one upstream resolver to forward to")
@@ -384,6 +409,10 @@ class DnsProxy:
         self.domain = domain
         self.timeout = timeout
         self.ttl = ttl
+        # Only this node's workloads (and loopback) are answered: NameTable.serves. Without a node name
+        # (a proxy serving no node) that leaves loopback alone.
+        self.node = node
+        self.refused = 0  # queries from other sources, dropped unanswered
         self.resolver = Resolver(NameTable(domain=domain), self.search_domains)
         # With a provider, the names follow the mesh state: each query checks (by identity, so for free)
         # whether the state object changed since the table was built.
@@ -400,24 +429,25 @@ class DnsProxy:
 
     def update_state(self, state: Any) -> None:
         self._state = state
-        table = build_name_table(state, self.domain)
+        table = build_name_table(state, self.domain, self.node)
         self.resolver = Resolver(table, self.search_domains)
         log.info("DNS names loaded: %d", len(table.hosts))
 
     # -- answering -----------------------------------------------------------------------------------
 
     async def handle(self, wire: bytes, client_ip: str, protocol: str) -> Optional[bytes]:
-        """The answer to one query (None: nothing can be answered, e.g. not even a header)."""
+        """The answer to one query (None: nothing is sent back: a source that is not a workload of this
+        node, or not even a header)."""
+        self._follow_state()
+        if not self.resolver.table.serves(client_ip):
+            self._refuse(client_ip, protocol)
+            return None
         try:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException as exc:
             log.debug("malformed DNS query from %s: %s", client_ip, exc)
             return _formerr(wire)
         limit = _udp_limit(query) if protocol == "udp" else 65535
-        if self._state_provider is not None:
-            state = self._state_provider()
-            if state is not None and state is not self._state:
-                self.update_state(state)
         if query.flags & dns.flags.QR:
             return None  # a response sent to us: never answer it (loops)
         client = self.resolver.table.client(client_ip)
@@ -439,6 +469,19 @@ class DnsProxy:
             return _fit(failed, limit)
         response.id = query.id
         return _fit(response, limit)
+
+    def _follow_state(self) -> None:
+        if self._state_provider is not None:
+            state = self._state_provider()
+            if state is not None and state is not self._state:
+                self.update_state(state)
+
+    def _refuse(self, client_ip: str, protocol: str) -> None:
+        # Nothing is sent back, not even REFUSED: an answer to a spoofed UDP source is still a
+        # reflection. Logged at debug only, since a flood must not flood the log too.
+        self.refused += 1
+        log.debug("DNS query over %s from %s dropped: not a workload of node %s", protocol, client_ip,
+                  self.node or "(none)")
 
     def _local_answer(
         self, query: dns.message.Message, client: Optional[Client]
@@ -558,6 +601,10 @@ class DnsProxy:
         if handler is not None:
             self._tcp_handlers.add(handler)
         try:
+            self._follow_state()
+            if not self.resolver.table.serves(str(peer[0])):
+                self._refuse(str(peer[0]), "tcp")
+                return  # closed before reading anything
             while True:
                 try:
                     header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)

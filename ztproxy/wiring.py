@@ -187,7 +187,8 @@ class ProxyNode:
             raise StartupError(f"DNS proxy: an upstream ({upstreams}) is the proxy's own address {address}; "
                                "point 'dns.resolv_conf' at the node's original resolv.conf")
         self.dns = DnsProxy(upstreams, DnsMetrics(self.registry), search_domains=search,
-                            domain=config.domain, state_provider=self.mesh_state)
+                            domain=config.domain, state_provider=self.mesh_state,
+                            node=self.settings.node_name)
         try:
             self.dns_bound = await self.dns.start([address])
         except OSError as exc:

@@ -11,8 +11,8 @@ from ztproxy.config import ConfigError, settings_from_dict
 def test_defaults_are_ztunnels_ports():
     settings = settings_from_dict({"node_name": "n"})
     assert settings.listen.admin == ("127.0.0.1", 15000)
-    assert settings.listen.metrics == ("0.0.0.0", 15020)
-    assert settings.listen.readiness == ("0.0.0.0", 15021)
+    assert settings.listen.metrics == ("127.0.0.1", 15020)  # loopback: issue 13, off-node exposure
+    assert settings.listen.readiness == ("127.0.0.1", 15021)
     assert settings.listen.dns == ("0.0.0.0", 15053)
     assert settings.dns.upstreams == () and settings.dns.search_domains is None
     assert settings.dns.resolv_conf == "/etc/resolv.conf" and settings.dns.domain == "cluster.local"
