@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -67,6 +68,10 @@ class RenewerSettings:
     backoff_max: float = 60.0
     # How often the set of identities (the mesh state) is looked at again.
     reconcile_interval: float = 5.0
+    # Failed attempts are logged at INFO while the certificate in use still has more than this part of
+    # its lifetime left, then as WARNING: renewal starts at ``renew_fraction`` (half-life), so by default
+    # a warning means renewal has failed for a quarter of the lifetime and a quarter is left.
+    warn_remaining_fraction: float = 0.25
     owner: Optional[int] = None
     group: Optional[int] = None
 
@@ -84,12 +89,83 @@ def backoff_delay(
     return max(initial / 10, ceiling * rng())
 
 
+def retry_delay(backoff: float, remaining: float) -> float:
+    """The backoff, but never so long that the certificate in use expires before the next attempt: at
+    most an eighth of what is left (and at least 0.5 s), so short lifetimes get several tries."""
+    if remaining <= 0:
+        return backoff
+    return min(backoff, max(0.5, remaining / 8))
+
+
+@dataclass
+class RenewalStatus:
+    """What the proxy reports about the renewal of one identity (metrics, admin endpoint)."""
+
+    renewals: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_result: Optional[str] = None  # "success" or "failure"; None before the first attempt
+    last_attempt: Optional[float] = None  # wall-clock seconds
+    last_success: Optional[float] = None
+    failing_since: Optional[float] = None
+    last_error: Optional[str] = None
+    warned: bool = False
+
+    def as_dict(self) -> Dict[str, object]:
+        return {
+            "renewals": self.renewals,
+            "failures": self.failures,
+            "consecutive_failures": self.consecutive_failures,
+            "last_result": self.last_result,
+            "last_attempt": self.last_attempt,
+            "last_success": self.last_success,
+            "failing_since": self.failing_since,
+            "last_error": self.last_error,
+        }
+
+
 @dataclass
 class Renewer:
     settings: RenewerSettings
     on_renewed: Optional[Callable[[SpiffeId, CertSummary], None]] = None
-    renewals: Dict[SpiffeId, int] = field(default_factory=dict)
-    failures: Dict[SpiffeId, int] = field(default_factory=dict)
+    status: Dict[SpiffeId, RenewalStatus] = field(default_factory=dict)
+
+    @property
+    def renewals(self) -> Dict[SpiffeId, int]:
+        return {identity: st.renewals for identity, st in self.status.items() if st.renewals}
+
+    @property
+    def failures(self) -> Dict[SpiffeId, int]:
+        return {identity: st.failures for identity, st in self.status.items() if st.failures}
+
+    def status_of(self, identity: SpiffeId) -> RenewalStatus:
+        return self.status.setdefault(identity, RenewalStatus())
+
+    def _record_success(self, identity: SpiffeId, summary: CertSummary) -> None:
+        status = self.status_of(identity)
+        now = time.time()
+        if status.consecutive_failures:
+            log.info("renewal of %s works again after %d failed attempts over %.0f s", identity,
+                     status.consecutive_failures, now - (status.failing_since or now))
+        status.renewals += 1
+        status.consecutive_failures = 0
+        status.last_result = "success"
+        status.last_attempt = status.last_success = now
+        status.failing_since = None
+        status.last_error = None
+        status.warned = False
+
+    def _record_failure(self, identity: SpiffeId, exc: BaseException) -> RenewalStatus:
+        status = self.status_of(identity)
+        now = time.time()
+        status.failures += 1
+        status.consecutive_failures += 1
+        status.last_result = "failure"
+        status.last_attempt = now
+        if status.failing_since is None:
+            status.failing_since = now
+        status.last_error = str(exc)
+        return status
 
     def client(self) -> CaClient:
         node_dir = identity_dir(self.settings.certs_dir, self.settings.node)
@@ -125,8 +201,10 @@ class Renewer:
             )
         if summarize(node[1]).remaining() <= 0:
             raise IdentityError(
-                f"the node certificate in {where} has expired, so the CA refuses this node: "
-                "re-enroll it with Ansible (playbooks that run ztmesh_cert)"
+                f"the node certificate in {where} has expired, so the signing services refuse this "
+                f"node and it cannot renew anything by itself: re-enroll it with Ansible, "
+                f"`ansible-playbook -i INVENTORY playbooks/mesh.yml --limit <this node's inventory host>` "
+                f"(node name {self.settings.node_name})"
             )
 
     async def renew(self, identity: SpiffeId) -> CertSummary:
@@ -171,7 +249,7 @@ class Renewer:
             self.settings.group,
         )
         summary = summarize(leaf)
-        self.renewals[identity] = self.renewals.get(identity, 0) + 1
+        self._record_success(identity, summary)
         log.info(
             "renewed %s: serial %s, valid until %s", identity, summary.serial, summary.not_after.isoformat()
         )
@@ -198,16 +276,35 @@ class Renewer:
                 raise
             except Exception as exc:  # every failure is retried; the message says what went wrong
                 attempt += 1
-                self.failures[identity] = self.failures.get(identity, 0) + 1
-                delay = backoff_delay(attempt, self.settings.backoff_initial, self.settings.backoff_max)
+                status = self._record_failure(identity, exc)
                 installed = read_identity(self.settings.certs_dir, identity)
-                left = summarize(installed[1]).remaining() if installed else 0
-                state = (
-                    f"the current certificate stays in use ({int(left)} s left)"
-                    if left > 0
-                    else "no valid certificate is installed"
+                summary = summarize(installed[1]) if installed else None
+                left = summary.remaining() if summary else 0.0
+                delay = retry_delay(
+                    backoff_delay(attempt, self.settings.backoff_initial, self.settings.backoff_max), left
                 )
-                log.warning(
+                if left > 0:
+                    state = f"the current certificate stays in use ({int(left)} s left)"
+                else:
+                    state = "no valid certificate is installed"
+                # Quiet while there is plenty of time (a signer restart, a short outage), loud once the
+                # certificate in use is running out: that is when an operator must act.
+                warn_below = summary.lifetime * self.settings.warn_remaining_fraction if summary else 0.0
+                running_out = summary is None or left <= warn_below
+                if running_out and not status.warned:
+                    status.warned = True
+                    log.warning(
+                        "certificate renewal of %s has been failing for %.0f s (%d attempts, signing "
+                        "services %s); %s; last error: %s",
+                        identity,
+                        time.time() - (status.failing_since or time.time()),
+                        status.consecutive_failures,
+                        ", ".join(f"{h}:{p}" for h, p in self.settings.ca_addresses),
+                        state,
+                        exc,
+                    )
+                log.log(
+                    logging.WARNING if running_out else logging.INFO,
                     "renewing %s failed (attempt %d): %s; %s; retrying in %.1f s",
                     identity,
                     attempt,
@@ -233,15 +330,17 @@ async def run_renewer(
     identities: Callable[[], Iterable[SpiffeId]],
     stop: Optional[asyncio.Event] = None,
     on_renewed: Optional[Callable[[SpiffeId, CertSummary], None]] = None,
+    renewer: Optional[Renewer] = None,
 ) -> Renewer:
     """Keep the node identity and every identity ``identities()`` returns renewed until ``stop`` is set.
 
     ``identities`` is called every ``settings.reconcile_interval`` seconds (the data plane passes the
     identities of this node's workloads from the mesh state); identities that disappear stop being
-    renewed (their files are left for the data plane to drop). Returns the Renewer (counters) on stop.
+    renewed (their files are left for the data plane to drop). Pass ``renewer`` to read its status while
+    it runs (metrics, admin endpoint). Returns the Renewer (counters) on stop.
     """
     stop = stop or asyncio.Event()
-    renewer = Renewer(settings, on_renewed)
+    renewer = renewer or Renewer(settings, on_renewed)
     tasks: Dict[SpiffeId, asyncio.Task] = {}
     try:
         while not stop.is_set():
