@@ -205,8 +205,10 @@ class _GoawayTolerantStateMachine(h2.connection.H2ConnectionStateMachine):
 class H2TunnelClient:
     """One TLS connection, HTTP/2 CONNECT streams, driven synchronously by the test."""
 
-    def __init__(self, address: Tuple[str, int], ctx: ssl.SSLContext, timeout: float = 10.0) -> None:
-        raw = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address: Tuple[str, int], ctx: ssl.SSLContext, timeout: float = 10.0,
+                 source_ip: Optional[str] = None) -> None:
+        raw = socket.create_connection(address, timeout=timeout,
+                                       source_address=(source_ip, 0) if source_ip else None)
         self.sock = ctx.wrap_socket(raw, server_hostname=None)
         # h2 before 4.4 refuses to send an RFC 9113 CONNECT (no :path); the checks are off there only.
         modern = tuple(int(x) for x in h2.__version__.split(".")[:2]) >= (4, 4)

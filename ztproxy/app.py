@@ -88,8 +88,9 @@ class App:
         self.settings = settings
         self.authorizer: Authorizer = authorizer if authorizer is not None else AllowAll()
         self.observer: ConnectionObserver = observer if observer is not None else NoObserver()
-        self.h2_limits = H2Limits(settings.max_frame_size, settings.stream_window,
-                                  settings.connection_window, settings.pool_max_streams)
+        self.h2_limits = H2Limits.from_settings(settings)
+        # Inbound HBONE connections per peer address, TLS handshakes included (max_connections_per_peer).
+        self.peer_connections: Dict[str, int] = {}
         self.certs = CertStore(settings.certs_dir, settings.trust_bundle)
         self.pool = HbonePool(self)
         self.state_watcher: Optional[MeshStateWatcher] = None

@@ -45,9 +45,30 @@ DEFAULT_POOL_MAX_STREAMS = 100
 DEFAULT_POOL_IDLE_TIMEOUT = 300.0
 # HTTP/2 sizes as ztunnel sets them: 1 MiB frames, 4 MiB per stream, 16 MiB per connection. The windows
 # bound how much one stream / one connection may buffer in the proxy.
-DEFAULT_MAX_FRAME_SIZE = 1 << 20
+# The frame size advertised is what a peer may make the proxy buffer before a frame can be parsed:
+# 64 KiB per connection (issue 13: 1 MiB frames let CONTINUATION floods hold 63 MiB per connection).
+DEFAULT_MAX_FRAME_SIZE = 64 << 10
 DEFAULT_STREAM_WINDOW = 4 << 20
 DEFAULT_CONNECTION_WINDOW = 16 << 20
+# Hostile peers (docs/ztproxy.md, Security, "HTTP/2 and connection limits"). A HBONE request is a few
+# hundred bytes of headers: 16 KiB is nginx's and Envoy's order of magnitude, far above any CONNECT.
+DEFAULT_MAX_HEADER_LIST_SIZE = 16 << 10
+# A header block (HEADERS + CONTINUATION) must be complete within this time (slow-loris headers).
+DEFAULT_HEADER_TIMEOUT = 10.0
+# A TLS connection must send the HTTP/2 preface and SETTINGS within this time (ztunnel/hyper: 10 s).
+DEFAULT_PREFACE_TIMEOUT = 10.0
+# An inbound HBONE connection without a stream for this long is closed (GOAWAY). Longer than the
+# clients' pool_idle_timeout, so a healthy peer closes its idle connections first.
+DEFAULT_IDLE_TIMEOUT = 600.0
+# Inbound HBONE connections (TLS handshakes included) from one source address at once. A busy peer
+# needs one per (source identity, destination identity) per 100 streams.
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 256
+# Streams the peer may reset per connection within STREAM_RESET_WINDOW seconds before the connection
+# is closed with GOAWAY ENHANCE_YOUR_CALM (CVE-2023-44487, as nginx, h2o and Go bound it).
+DEFAULT_MAX_STREAM_RESETS = 200
+STREAM_RESET_WINDOW = 10.0
+# Bytes the TLS connection may hold unsent before the streams stop reading their TCP sockets.
+DEFAULT_CONNECTION_WRITE_BUFFER = 1 << 20
 DEFAULT_DRAIN_TIMEOUT = 5.0
 # How often the mesh state and certificate files are checked for changes.
 DEFAULT_RELOAD_INTERVAL = 1.0
@@ -154,6 +175,13 @@ class Settings:
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     stream_window: int = DEFAULT_STREAM_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
+    max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    preface_timeout: float = DEFAULT_PREFACE_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    max_stream_resets: int = DEFAULT_MAX_STREAM_RESETS
+    connection_write_buffer: int = DEFAULT_CONNECTION_WRITE_BUFFER
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
     log_level: str = DEFAULT_LOG_LEVEL
@@ -365,6 +393,14 @@ _TOP_KEYS: Dict[str, Checker] = {
     # Flow-control windows: at least the protocol's 65535, at most 2^31 - 1.
     "stream_window": _int_range(65535, (1 << 31) - 1),
     "connection_window": _int_range(65535, (1 << 31) - 1),
+    # Limits against hostile peers (docs/ztproxy.md, Security).
+    "max_header_list_size": _int_range(1024, 1 << 20),
+    "header_timeout": _seconds(0.1, 300),
+    "preface_timeout": _seconds(0.1, 300),
+    "idle_timeout": _seconds(1, 86400),
+    "max_connections_per_peer": _int_range(1, 100000),
+    "max_stream_resets": _int_range(1, 100000),
+    "connection_write_buffer": _int_range(16384, 64 << 20),
     "drain_timeout": _seconds(0, 3600),
     "reload_interval": _seconds(0.05, 3600),
     "log_level": _choice(*LOG_LEVELS),

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import binascii
 import struct
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.exceptions
 import h2.frame_buffer
 import hpack
@@ -40,9 +41,11 @@ Buffer = Union[bytes, bytearray, memoryview]
 ZERO_COPY_MIN = 16 * 1024
 # The receive buffer: a new one is started when less than READ_MIN bytes (or less than the rest of the
 # frame being received) are free. Bigger buffers mean fewer frames straddling two of them (a straddling
-# frame's received part is copied once into the next buffer).
-RECV_BUFFER_SIZE = 1 << 20
-READ_MIN = 64 * 1024
+# frame's received part is copied once into the next buffer), but every connection holds one: 1 MiB
+# made 1,000 idle connections cost 1 GB (issue 13). A buffer starts at RECV_BUFFER_SIZE and is made
+# larger only for a frame that does not fit, which the advertised SETTINGS_MAX_FRAME_SIZE bounds.
+RECV_BUFFER_SIZE = 64 * 1024
+READ_MIN = 16 * 1024
 
 _HEADER = struct.Struct(">HBBBL")  # HTTP/2 frame header: 24-bit length as 16 + 8 bits, type, flags, id
 _DATA_TYPE = 0x0
@@ -85,14 +88,38 @@ class LiteralHpackEncoder(hpack.Encoder):
 
 
 class ZeroCopyH2Connection(h2.connection.H2Connection):
-    """An H2Connection whose large DATA payloads reach the transport as the caller's own buffers."""
+    """An H2Connection whose large DATA payloads reach the transport as the caller's own buffers.
+
+    Also: a HEADERS frame that would open one stream more than SETTINGS_MAX_CONCURRENT_STREAMS allows
+    refuses that stream (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2) instead of h2's
+    TooManyStreamsError, which closes the whole connection with every stream on it."""
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
         self._pieces: List[Buffer] = []  # output older than what h2 holds in _data_to_send
         self.incoming_buffer = FrameReader(server=not config.client_side)
+        # h2 copies max_inbound_frame_size into the reader once per receive_data() call, so a frame
+        # that follows the SETTINGS ACK raising the limit in the same read was checked against the old
+        # limit (a protocol error for a correct peer). The reader asks the connection instead.
+        self.incoming_buffer.frame_size_source = lambda: self.max_inbound_frame_size
+        self.refused_streams = 0  # streams refused for being over the limit (for logs and tests)
         # Replaced before any SETTINGS exchange, so the table size h2 applies later reaches this one.
         self.encoder = LiteralHpackEncoder()
+
+    def _receive_headers_frame(self, frame: hyperframe.frame.HeadersFrame):  # type: ignore[override]
+        peer_initiated = (frame.stream_id % 2 == 1) != self.config.client_side
+        if (frame.stream_id not in self.streams and peer_initiated
+                and frame.stream_id > self.highest_inbound_stream_id
+                and self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
+            # Decode the block all the same: HPACK state is per connection, skipping it would corrupt
+            # every later header block. The decoder's size limit applies here too.
+            h2.connection._decode_headers(self.decoder, frame.data)
+            self.highest_inbound_stream_id = frame.stream_id
+            self.refused_streams += 1
+            reset = hyperframe.frame.RstStreamFrame(frame.stream_id)
+            reset.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+            return [reset], []
+        return super()._receive_headers_frame(frame)
 
     def _prepare_for_sending(self, frames: List[Frame]) -> None:
         for frame in frames:
@@ -137,6 +164,11 @@ class FrameReader(h2.frame_buffer.FrameBuffer):
 
     def __init__(self, server: bool = False) -> None:
         super().__init__(server=server)
+        # Bound on the bytes of one header block (HEADERS + CONTINUATION frames, still compressed); 0
+        # means h2's own limits only (64 frames of max_frame_size). The session sets it.
+        self.max_header_block = 0
+        self._header_block_bytes = 0
+        self.frame_size_source: Optional[Callable[[], int]] = None
         self._buf = bytearray(0)
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet parsed
@@ -146,8 +178,13 @@ class FrameReader(h2.frame_buffer.FrameBuffer):
     # -- filling -------------------------------------------------------------------------------------
 
     def get_buffer(self, size_hint: int = -1) -> memoryview:
-        """Writable memory right after the received bytes (asyncio BufferedProtocol.get_buffer)."""
-        want = max(READ_MIN, self._missing, size_hint if size_hint > 0 else 0)
+        """Writable memory right after the received bytes (asyncio BufferedProtocol.get_buffer).
+
+        ``size_hint`` is ignored: asyncio's and uvloop's TLS ask for 256 KiB on every read, which would
+        make every connection hold that much; the frame being received decides instead."""
+        return self._room(max(READ_MIN, self._missing))
+
+    def _room(self, want: int) -> memoryview:
         if len(self._buf) - self._end < want:
             self._new_buffer(want)
         return self._view[self._end:]
@@ -160,7 +197,7 @@ class FrameReader(h2.frame_buffer.FrameBuffer):
         """h2's FrameBuffer API: append ``data`` (one copy, into the receive buffer)."""
         n = len(data)
         if n:
-            target = self.get_buffer(n)
+            target = self._room(max(READ_MIN, self._missing, n))
             target[:n] = data
             self.commit(n)
 
@@ -172,9 +209,37 @@ class FrameReader(h2.frame_buffer.FrameBuffer):
         self._buf, self._view = buf, memoryview(buf)
         self._start, self._end = 0, tail
 
+    @property  # type: ignore[override]
+    def max_frame_size(self) -> int:
+        if self.frame_size_source is not None:
+            return self.frame_size_source()
+        return self._max_frame_size
+
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        self._max_frame_size = value
+
     @property
     def buffered(self) -> int:
         return self._end - self._start
+
+    @property
+    def in_header_block(self) -> bool:
+        """A HEADERS frame arrived whose CONTINUATION frames have not all come yet."""
+        return bool(self._headers_buffer)
+
+    def _update_header_buffer(self, f: Optional[Frame]) -> Optional[Frame]:
+        limit = self.max_header_block
+        if limit and isinstance(f, (hyperframe.frame.HeadersFrame, hyperframe.frame.PushPromiseFrame,
+                                    hyperframe.frame.ContinuationFrame)):
+            if not isinstance(f, hyperframe.frame.ContinuationFrame) or not self._headers_buffer:
+                self._header_block_bytes = 0
+            self._header_block_bytes += len(f.data)
+            if self._header_block_bytes > limit:
+                # ENHANCE_YOUR_CALM: the GOAWAY says why (a CONTINUATION flood held 700 MB, issue 13).
+                raise h2.exceptions.DenialOfServiceError(
+                    f"header block larger than {limit} bytes")
+        return super()._update_header_buffer(f)
 
     # -- parsing (the iterator protocol h2 uses) --------------------------------------------------------
 

@@ -7,15 +7,20 @@ h2 wants sent. Client and server sessions (hbone_client, hbone_server) add reque
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
-from typing import Dict, Optional, Tuple
+import time
+from typing import Deque, Dict, Optional, Tuple
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 
+from ztproxy import config
 from ztproxy.h2frames import ZeroCopyH2Connection
 from ztproxy.pump import StreamPump
 
@@ -42,14 +47,30 @@ class _DrainableStateMachine(h2.connection.H2ConnectionStateMachine):
 
 
 class H2Limits:
-    """The HTTP/2 sizes this side advertises (from Settings)."""
+    """The HTTP/2 sizes this side advertises and the limits it holds a peer to (from Settings; the
+    defaults are config.py's)."""
 
     def __init__(self, max_frame_size: int, stream_window: int, connection_window: int,
-                 max_concurrent_streams: int) -> None:
+                 max_concurrent_streams: int,
+                 max_header_list_size: int = config.DEFAULT_MAX_HEADER_LIST_SIZE,
+                 header_timeout: float = config.DEFAULT_HEADER_TIMEOUT,
+                 max_stream_resets: int = config.DEFAULT_MAX_STREAM_RESETS,
+                 write_buffer: int = config.DEFAULT_CONNECTION_WRITE_BUFFER) -> None:
         self.max_frame_size = max_frame_size
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.max_concurrent_streams = max_concurrent_streams
+        self.max_header_list_size = max_header_list_size
+        self.header_timeout = header_timeout
+        self.max_stream_resets = max_stream_resets
+        self.write_buffer = write_buffer
+
+    @classmethod
+    def from_settings(cls, settings: config.Settings) -> H2Limits:
+        return cls(settings.max_frame_size, settings.stream_window, settings.connection_window,
+                   settings.pool_max_streams, max_header_list_size=settings.max_header_list_size,
+                   header_timeout=settings.header_timeout, max_stream_resets=settings.max_stream_resets,
+                   write_buffer=settings.connection_write_buffer)
 
 
 def _h2_version() -> Tuple[int, int]:
@@ -84,9 +105,17 @@ class H2Session(asyncio.BufferedProtocol):
         self.conn = ZeroCopyH2Connection(config=config)
         self.conn.state_machine = _DrainableStateMachine()
         self.limits = limits
+        # Header blocks: bounded in bytes as they arrive (compressed) and once decoded (h2's decoder
+        # limit, which SETTINGS_MAX_HEADER_LIST_SIZE below also announces), and in time (_header_timer).
+        self.conn.incoming_buffer.max_header_block = limits.max_header_list_size
+        self.conn.decoder.max_header_list_size = limits.max_header_list_size
+        self._header_timer: Optional[asyncio.TimerHandle] = None
+        self._resets: Deque[float] = collections.deque()  # when the peer reset a stream, for the budget
         self.transport: Optional[asyncio.Transport] = None
         self.pumps: Dict[int, StreamPump] = {}
-        self.write_paused = False
+        self.write_paused = False  # the streams stop reading TCP: _loop_paused or _backlogged
+        self._loop_paused = False
+        self._backlogged = False
         self.closed = False
         self.goaway_received = False
         self.goaway_sent = False
@@ -99,7 +128,8 @@ class H2Session(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         # Pause the streams' TCP reads only when a good amount waits for the socket: the stream and
         # connection windows already bound what can pile up here.
-        transport.set_write_buffer_limits(high=1 << 20, low=256 << 10)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=self.limits.write_buffer,  # type: ignore[attr-defined]
+                                          low=self.limits.write_buffer // 4)
         problem = self.check_peer(transport)
         if problem is not None:
             log.warning("closing HBONE connection with %s: %s", transport.get_extra_info("peername"),
@@ -115,6 +145,7 @@ class H2Session(asyncio.BufferedProtocol):
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.limits.max_frame_size,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.limits.stream_window,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.limits.max_header_list_size,
         }
         if self.client_side:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
@@ -136,9 +167,41 @@ class H2Session(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         pieces = self.conn.take_output()
-        if pieces and self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if pieces and transport is not None and not transport.is_closing():
             # Large DATA payloads are separate pieces (no copy); TLS encrypts each in turn.
-            self.transport.writelines(pieces)
+            transport.writelines(pieces)
+            # Back-pressure must not depend on the event loop calling pause_writing() in time: with
+            # uvloop's TLS under CPU contention it came late or not at all and a reader that never
+            # read made the proxy buffer gigabytes (issue 13). The streams look at the buffer size
+            # themselves (tls_backlogged) before reading their TCP sockets again.
+            if not self._backlogged and self.tls_backlogged():
+                self._backlogged = True
+                self.write_paused = True
+                self._poll_write_buffer()
+
+    def tls_backlogged(self) -> bool:
+        """More than the write buffer limit waits in the TLS transport (encrypted or not)."""
+        transport = self.transport
+        if transport is None:
+            return False
+        try:
+            size = transport.get_write_buffer_size()
+        except (AttributeError, RuntimeError):
+            return False
+        return size > self.limits.write_buffer
+
+    def _poll_write_buffer(self) -> None:
+        """Resume the streams once the transport drained below the low mark, whether or not the loop
+        calls resume_writing() (it does not when it never called pause_writing())."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() <= self.limits.write_buffer // 4:
+            self._backlogged = False
+            self._update_write_paused()
+            return
+        asyncio.get_event_loop().call_later(0.01, self._poll_write_buffer)
 
     # -- receiving: the transport fills the frame reader's memory (BufferedProtocol) -----------------
 
@@ -169,14 +232,51 @@ class H2Session(asyncio.BufferedProtocol):
         for event in events:
             self.handle_event(event)
         self.flush()
+        self._watch_header_block()
+
+    def _watch_header_block(self) -> None:
+        """A header block must complete within header_timeout: a peer that sends HEADERS without
+        END_HEADERS and then trickles (or never sends) CONTINUATION frames is closed."""
+        if self.conn.incoming_buffer.in_header_block:
+            if self._header_timer is None and not self.closed:
+                self._header_timer = asyncio.get_event_loop().call_later(
+                    self.limits.header_timeout, self._header_block_timed_out)
+        elif self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_block_timed_out(self) -> None:
+        self._header_timer = None
+        self.protocol_violation(f"header block not complete within {self.limits.header_timeout:g}s",
+                                h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def protocol_violation(self, why: str, code: h2.errors.ErrorCodes) -> None:
+        """Close the connection with GOAWAY ``code``: the peer abused the protocol (every stream on it
+        ends; the peer's other connections are not affected)."""
+        if self.closed or self.transport is None:
+            return
+        log.warning("closing HTTP/2 connection with %s: %s", self.peername(), why)
+        self.close_reason = f"HTTP/2 connection closed: {why}"
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.close_connection(code)
+        self.flush()
+        self.transport.close()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        for pump in list(self.pumps.values()):
-            pump.update_reading()
+        self._loop_paused = True
+        self._update_write_paused()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self._loop_paused = False
+        self._update_write_paused()
+
+    def _update_write_paused(self) -> None:
+        """Streams read their TCP sockets only while neither the event loop (pause_writing) nor our own
+        look at the buffer (flush) says the TLS connection is backlogged."""
+        paused = self._loop_paused or self._backlogged
+        if paused == self.write_paused:
+            return
+        self.write_paused = paused
         for pump in list(self.pumps.values()):
             pump.update_reading()
 
@@ -185,6 +285,9 @@ class H2Session(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
         reason = self.close_reason or (f"HBONE connection lost: {exc}" if exc else "HBONE connection closed")
         for pump in list(self.pumps.values()):
             pump.on_session_lost(reason)
@@ -216,6 +319,8 @@ class H2Session(asyncio.BufferedProtocol):
             self.stream_reset(event.stream_id, event.error_code)
             if pump is not None:
                 pump.on_h2_reset(f"stream reset by peer ({event.error_code!r})")
+            if event.remote_reset:
+                self._count_reset()
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
                 for pump in list(self.pumps.values()):
@@ -233,6 +338,20 @@ class H2Session(asyncio.BufferedProtocol):
             self.on_goaway(event)
         else:
             self.handle_other_event(event)
+
+    def _count_reset(self) -> None:
+        """The reset budget (CVE-2023-44487, "rapid reset"): a peer that resets more than
+        max_stream_resets streams within STREAM_RESET_WINDOW seconds loses the connection. Each reset
+        stream may have cost an upstream connect; legitimate clients reset rarely."""
+        now = time.monotonic()
+        resets = self._resets
+        resets.append(now)
+        while resets and now - resets[0] > config.STREAM_RESET_WINDOW:
+            resets.popleft()
+        if len(resets) > self.limits.max_stream_resets:
+            self.protocol_violation(f"more than {self.limits.max_stream_resets} streams reset within "
+                                    f"{config.STREAM_RESET_WINDOW:g}s",
+                                    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     def handle_other_event(self, event: h2.events.Event) -> None:
         pass

@@ -12,19 +12,19 @@ import logging
 import re
 import socket
 import ssl
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import h2.errors
 import h2.events
 import h2.exceptions
 
-from ztproxy.certs import CertError, peer_identity_in_domain, tls_problem
+from ztproxy.certs import CertError, peer_identity_in_domain, peer_spiffe_ids, tls_problem
 from ztproxy.config import parse_host_port
 from ztproxy.h2session import H2Limits, H2Session
 from ztproxy.hooks import ConnContext
 from ztproxy.listener import reset
 from ztproxy.origdst import original_destination
-from ztproxy.pump import StreamPump
+from ztproxy.pump import StreamPump, abort_with_reset
 from ztproxy.upstream import connect_upstream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,7 +68,10 @@ def connect_header_problem(headers) -> Optional[str]:
 
 
 def parse_forwarded_for(value: str) -> Optional[Tuple[str, int]]:
-    """The client address from ``forwarded: for="ip:port"`` (RFC 7239; IPv6 as "[ip]:port")."""
+    """The client address from ``forwarded: for="ip:port"`` (RFC 7239; IPv6 as "[ip]:port").
+
+    Never used for a decision or an address (see HboneServerSession._on_request), only, when consistent
+    with the peer's certificate, for telemetry labels (source_workload)."""
     match = _FORWARDED_FOR.search(value)
     if not match:
         return None
@@ -76,6 +79,19 @@ def parse_forwarded_for(value: str) -> Optional[Tuple[str, int]]:
         return parse_host_port(match.group(1))
     except ValueError:
         return None
+
+
+def source_workload(state, peer_ip: str, peer_identity: Optional[str], forwarded: Optional[str]):
+    """The workload whose labels telemetry gives a connection's source: the workload at the connection's
+    source address when it holds the peer's verified identity; else (a source node that does not
+    preserve addresses) the workload the ``forwarded`` header names, only if it holds that identity
+    too, so the labels never claim a workload the certificate does not prove (ztunnel labels such
+    sources from the peer's baggage). Never used for a decision; else None."""
+    for ip in (peer_ip, forwarded):
+        candidate = state.workload_by_ip(ip) if ip else None
+        if candidate is not None and candidate.identity == peer_identity:
+            return candidate
+    return None
 
 
 class HboneServerSession(H2Session):
@@ -87,6 +103,11 @@ class HboneServerSession(H2Session):
         self.local_addr = local_addr
         self.peer_identity: Optional[str] = None
         self._last_stream_before_goaway: Optional[int] = None
+        self._settings_received = False
+        self._preface_timer: Optional[asyncio.TimerHandle] = None
+        self._idle_timer: Optional[asyncio.TimerHandle] = None
+        self._idle_since = 0.0
+        self.on_closed: Optional[Callable[[], None]] = None  # frees the per-peer connection slot
 
     def check_peer(self, transport: asyncio.BaseTransport) -> Optional[str]:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -95,6 +116,11 @@ class HboneServerSession(H2Session):
         problem = tls_problem(ssl_object)
         if problem is not None:
             return problem
+        uris = peer_spiffe_ids(ssl_object)
+        if len(uris) != 1:
+            # Exactly one identity, as the signer issues them: with several, which one a policy or a
+            # log sees would be the proxy's choice, not the CA's.
+            return f"client certificate has {len(uris)} URI SANs ({', '.join(uris)}); exactly one is accepted"
         self.peer_identity = peer_identity_in_domain(ssl_object, self.app.settings.trust_domain)
         if self.peer_identity is None:
             sans = [v for _, v in (ssl_object.getpeercert() or {}).get("subjectAltName", ())]
@@ -104,9 +130,52 @@ class HboneServerSession(H2Session):
 
     def session_started(self) -> None:
         self.app.server_sessions.add(self)
+        settings = self.app.settings
+        loop = asyncio.get_event_loop()
+        # The client's preface and first SETTINGS must arrive within preface_timeout: a TLS connection
+        # that never speaks HTTP/2 otherwise holds its buffers and a per-peer slot forever.
+        self._preface_timer = loop.call_later(settings.preface_timeout, self._preface_timed_out)
+        self._idle_since = loop.time()
+        self._idle_timer = loop.call_later(settings.idle_timeout, self._check_idle)
 
     def session_lost(self, reason: str) -> None:
         self.app.server_sessions.discard(self)
+        for timer in (self._preface_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._preface_timer = self._idle_timer = None
+        if self.on_closed is not None:
+            self.on_closed()
+            self.on_closed = None
+
+    def _preface_timed_out(self) -> None:
+        self._preface_timer = None
+        if not self._settings_received:
+            self.protocol_violation(f"no HTTP/2 preface and SETTINGS within "
+                                    f"{self.app.settings.preface_timeout:g}s",
+                                    h2.errors.ErrorCodes.SETTINGS_TIMEOUT)
+
+    def _check_idle(self) -> None:
+        """Close a connection that has had no stream for idle_timeout (GOAWAY NO_ERROR)."""
+        self._idle_timer = None
+        if self.closed:
+            return
+        loop = asyncio.get_event_loop()
+        timeout = self.app.settings.idle_timeout
+        if self.pumps or self.conn.open_inbound_streams:
+            self._idle_since = loop.time()
+        elif loop.time() - self._idle_since >= timeout:
+            log.info("closing HBONE connection with %s: no stream for %gs", self.peername(), timeout)
+            self.close_reason = f"idle for {timeout:g}s"
+            self.goaway()
+            self.close()
+            return
+        self._idle_timer = loop.call_at(self._idle_since + timeout, self._check_idle)
+
+    def handle_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            self._settings_received = True
+        super().handle_event(event)
 
     def goaway(self) -> None:
         self._last_stream_before_goaway = self.conn.highest_inbound_stream_id
@@ -157,9 +226,21 @@ class HboneServerSession(H2Session):
         if target is None:
             self._refuse(sid, 400, f"target {authority} is not a workload on node {app.settings.node_name}")
             return
+        served = state.local_workload_by_ip(self.local_addr[0], app.settings.node_name)
+        if served is None or served.uid != target.uid:
+            # The TLS connection was addressed to (and authenticated as) another workload; as ztunnel,
+            # a CONNECT may only reach the workload whose certificate served it.
+            self._refuse(sid, 400, f"target {authority} is not the workload this connection was addressed "
+                                   f"to ({self.local_addr[0]})")
+            return
+        # The client is the connection's own source address. The peer's `forwarded` header is never
+        # trusted: any workload with a valid certificate could name another's address in it and pass a
+        # sourceIps policy as that workload (issue 13). ztunnel trusts it only from its own waypoint,
+        # which ztproxy does not have. Source nodes preserve addresses by connecting from them.
         peer = self.peername() or ("", 0)
-        client = parse_forwarded_for(headers.get(b"forwarded", b"").decode("latin-1")) or (peer[0], peer[1])
-        src_workload = state.workload_by_ip(client[0])
+        client = (peer[0], peer[1])
+        named = parse_forwarded_for(headers.get(b"forwarded", b"").decode("latin-1"))
+        src_workload = source_workload(state, client[0], self.peer_identity, named[0] if named else None)
         ctx = ConnContext(
             direction="inbound", reporter="destination", src_ip=client[0], src_port=client[1],
             dst_ip=target_ip, dst_port=target_port, src_identity=self.peer_identity,
@@ -175,20 +256,24 @@ class HboneServerSession(H2Session):
         app.track(pump)
         if event.stream_ended is not None:
             pump.on_h2_end()
-        asyncio.get_event_loop().create_task(self._connect(pump, ctx, client))
+        # Kept on the pump so that a reset of the stream cancels the connect (pump._finish).
+        pump.connect_task = asyncio.get_event_loop().create_task(self._connect(pump, ctx, client))
 
     async def _connect(self, pump: StreamPump, ctx: ConnContext, client: Tuple[str, int]) -> None:
         sid = pump.stream_id
         try:
             transport = await connect_upstream(self.app, (ctx.dst_ip, ctx.dst_port), client[0], lambda: pump)
+        except asyncio.CancelledError:
+            return  # the stream was reset meanwhile; connect_upstream closed its socket
         except OSError as exc:
             log.info("HBONE stream %d: upstream %s:%d connect failed: %s", sid, ctx.dst_ip, ctx.dst_port, exc)
             self.pumps.pop(sid, None)
             self._respond(sid, 503, end=True)
             pump.on_session_lost(f"upstream connect failed: {exc}")
             return
+        pump.connect_task = None
         if pump.finished or self.closed:
-            transport.abort()
+            abort_with_reset(transport)
             return
         pump.attach_tcp(transport)
         self._respond(sid, 200, end=False)
@@ -221,11 +306,42 @@ class HboneListener:
             log.error("inbound HBONE to %s: no usable certificate: %s", workload.identity, exc)
             reset(sock)
             return
+        # The per-peer cap counts from the accept, handshakes included: a peer cannot hold more than
+        # max_connections_per_peer TLS sessions (and their buffers) at once, whatever state they are in.
+        counts = app.peer_connections
+        cap = app.settings.max_connections_per_peer
+        if counts.get(peer[0], 0) >= cap:
+            log.warning("inbound HBONE from %s refused: it already has %d connections "
+                        "(max_connections_per_peer)", peer[0], cap)
+            reset(sock)
+            return
+        counts[peer[0]] = counts.get(peer[0], 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = counts.get(peer[0], 1) - 1
+            if left > 0:
+                counts[peer[0]] = left
+            else:
+                counts.pop(peer[0], None)
+
         session = HboneServerSession(app, app.h2_limits, dst)
+        session.on_closed = release
         loop = asyncio.get_event_loop()
         try:
             await loop.connect_accepted_socket(lambda: session, sock, ssl=contexts.server,
                                                ssl_handshake_timeout=app.settings.tls_handshake_timeout)
         except (ssl.SSLError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
             log.info("inbound HBONE TLS handshake with %s failed: %s", peer[0], exc or type(exc).__name__)
+            release()
             reset(sock)
+        except BaseException:
+            release()
+            raise
+        else:
+            if session.transport is None:  # no connection_made: nothing will call session_lost
+                release()

@@ -163,7 +163,10 @@ class OutboundHandler:
         tracker = app.observer.opened(ctx)
         pump = StreamPump(tracker, tcp_is_client=True)
         try:
-            session = await app.pool.acquire(source.identity, ctx.dst_identity, route.hbone_addr)
+            same_family = ipaddress.ip_address(peer[0]).version == \
+                ipaddress.ip_address(route.hbone_addr[0]).version
+            session = await app.pool.acquire(source.identity, ctx.dst_identity, route.hbone_addr,
+                                             peer[0] if same_family else None)
             status = await session.connect_stream(_host_port(*route.target), self._headers(peer, source),
                                                   pump, app.settings.connect_timeout)
         except HboneError as exc:

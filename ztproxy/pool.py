@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from ztproxy.certs import CertError
 from ztproxy.hbone_client import HboneClientSession, HboneError
@@ -21,7 +21,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("ztproxy.pool")
 
-PoolKey = Tuple[str, int, str, Tuple[str, int]]
+# (source identity, its certificate generation, destination identity, destination address, source
+# address the connection speaks from or "" for the proxy's own): as ztunnel's WorkloadKey, connections
+# are not shared between source addresses, since the destination takes the source from the connection.
+PoolKey = Tuple[str, int, str, Tuple[str, int], str]
+_warned_transparent = False
 
 
 class HbonePool:
@@ -32,14 +36,19 @@ class HbonePool:
     def sessions(self) -> List[HboneClientSession]:
         return [s for group in self._sessions.values() for s in group]
 
-    async def acquire(self, src_identity: str, dst_identity: str,
-                      dst_addr: Tuple[str, int]) -> HboneClientSession:
-        """A connected session with a stream reserved for the caller (release via the session)."""
+    async def acquire(self, src_identity: str, dst_identity: str, dst_addr: Tuple[str, int],
+                      src_ip: Optional[str] = None) -> HboneClientSession:
+        """A connected session with a stream reserved for the caller (release via the session).
+
+        With ``src_ip`` and ``preserve_source`` the connection speaks from the source workload's address
+        (IP_TRANSPARENT): the destination proxy takes the client address from the connection, never
+        from a header the client could write."""
         try:
             contexts = self.app.certs.get(src_identity)
         except CertError as exc:
             raise HboneError(f"no usable certificate for {src_identity}: {exc}") from None
-        key: PoolKey = (src_identity, contexts.generation, dst_identity, dst_addr)
+        source = src_ip if src_ip and self.app.settings.preserve_source else ""
+        key: PoolKey = (src_identity, contexts.generation, dst_identity, dst_addr, source)
         group = self._sessions.setdefault(key, [])
         for session in group:
             if session.accepts_streams():
@@ -53,7 +62,7 @@ class HbonePool:
         session = self._new_session(key)
         group.append(session)
         session.reserve()
-        self.app.spawn(self._connect(session, contexts.client, dst_addr))
+        self.app.spawn(self._connect(session, contexts.client, dst_addr, source or None))
         try:
             await session.ready
         except HboneError:
@@ -87,11 +96,23 @@ class HbonePool:
             session.goaway()
             session.close()
 
-    async def _connect(self, session: HboneClientSession, ssl_context, dst_addr: Tuple[str, int]) -> None:
+    async def _connect(self, session: HboneClientSession, ssl_context, dst_addr: Tuple[str, int],
+                       src_ip: Optional[str] = None) -> None:
+        global _warned_transparent
         settings = self.app.settings
         loop = asyncio.get_event_loop()
         try:
-            sock = outgoing_socket(dst_addr[0], settings.socket_mark)
+            try:
+                sock = outgoing_socket(dst_addr[0], settings.socket_mark, (src_ip, 0) if src_ip else None)
+            except OSError as exc:
+                if src_ip is None:
+                    raise
+                # As upstream.connect_upstream: without CAP_NET_ADMIN speak as the proxy, say so once.
+                if not _warned_transparent:
+                    log.warning("cannot bind HBONE to the source address %s (IP_TRANSPARENT: %s); "
+                                "connecting from the proxy's own address instead", src_ip, exc)
+                    _warned_transparent = True
+                sock = outgoing_socket(dst_addr[0], settings.socket_mark)
         except OSError as exc:
             session.connection_failed(f"cannot create a socket: {exc}")
             return

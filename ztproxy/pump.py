@@ -21,6 +21,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
+import struct
 from typing import TYPE_CHECKING, Deque, List, Optional
 
 import h2.errors
@@ -31,6 +33,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from ztproxy.hooks import ConnTracker
 
 log = logging.getLogger("ztproxy.pump")
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def abort_with_reset(transport: asyncio.BaseTransport) -> None:
+    """Close ``transport`` with a TCP RST. ``transport.abort()`` alone closes the socket, which the
+    kernel ends with a FIN when no received byte is unread: the application would take a truncated
+    transfer for a complete one (issue 13). SO_LINGER with a zero timeout makes the close a reset."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 class StreamPump(asyncio.Protocol):
@@ -58,6 +73,9 @@ class StreamPump(asyncio.Protocol):
         self._early_end = False
         self._active = False  # stream established: TCP bytes may flow onto it
         self._finished = False
+        # The upstream connect of an inbound stream: cancelled when the stream ends before it is done
+        # (a reset stream must not leave a backend connection behind: rapid reset, issue 13).
+        self.connect_task: Optional[asyncio.Task] = None
 
     # -- wiring --------------------------------------------------------------------------------------
 
@@ -153,7 +171,7 @@ class StreamPump(asyncio.Protocol):
     def on_h2_reset(self, error: str) -> None:
         self._end_received = self._end_sent = True
         if self.tcp is not None:
-            self.tcp.abort()
+            abort_with_reset(self.tcp)
         self._finish(error)
 
     def on_window(self) -> None:
@@ -169,7 +187,7 @@ class StreamPump(asyncio.Protocol):
         if self._finished:
             return
         if self.tcp is not None:
-            self.tcp.abort()
+            abort_with_reset(self.tcp)
         self._finish(error)
 
     def update_reading(self) -> None:
@@ -258,6 +276,9 @@ class StreamPump(asyncio.Protocol):
             return
         self._finished = True
         self._pending.clear()
+        task, self.connect_task = self.connect_task, None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
         if self.session is not None:
             self.session.stream_finished(self.stream_id)
         self.tracker.closed(error)
@@ -360,7 +381,7 @@ class TcpRelay:
         for side in (self.client, self.server):
             if side.transport is not None:
                 if abort:
-                    side.transport.abort()
+                    abort_with_reset(side.transport)
                 else:
                     side.transport.close()
         self.tracker.closed(error)

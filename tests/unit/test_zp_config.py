@@ -19,7 +19,7 @@ def test_defaults_are_ztunnels() -> None:
     assert settings.drain_timeout == 5.0
     assert settings.trust_domain == "cluster.local"
     assert settings.socket_mark == 0x539
-    assert settings.max_frame_size == config.DEFAULT_MAX_FRAME_SIZE == 1 << 20
+    assert settings.max_frame_size == config.DEFAULT_MAX_FRAME_SIZE == 64 << 10  # issue 13: not 1 MiB
 
 
 def test_full_settings_parse() -> None:
