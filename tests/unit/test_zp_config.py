@@ -69,3 +69,25 @@ def test_file_errors_name_the_file(tmp_path) -> None:
     wrong.write_text("node_name: n\nhbone_port: 0\n")
     with pytest.raises(ConfigError, match=r"wrong.yaml: settings key 'hbone_port': 0"):
         load_settings(str(wrong))
+
+
+def test_limits_against_hostile_peers_have_defaults_and_checked_values() -> None:
+    """Issue 13: each limit is a setting with a stated default and a clear error for a bad value."""
+    settings = settings_from_dict({"node_name": "node-a"})
+    assert (settings.max_header_list_size, settings.header_timeout, settings.preface_timeout,
+            settings.idle_timeout, settings.max_connections_per_peer, settings.max_stream_resets,
+            settings.connection_write_buffer) == (16384, 10.0, 10.0, 600.0, 256, 200, 1 << 20)
+    tuned = settings_from_dict({"node_name": "node-a", "max_header_list_size": 4096, "header_timeout": 2,
+                                "preface_timeout": 3, "idle_timeout": 60, "max_connections_per_peer": 10,
+                                "max_stream_resets": 50, "connection_write_buffer": 65536})
+    assert (tuned.max_header_list_size, tuned.preface_timeout, tuned.max_stream_resets) == (4096, 3.0, 50)
+    for key, bad, expected in (("max_header_list_size", 100, "an integer from 1024 to 1048576"),
+                               ("header_timeout", 0, "a number of seconds from 0.1 to 300"),
+                               ("preface_timeout", "10s", "a number of seconds from 0.1 to 300"),
+                               ("idle_timeout", 0.5, "a number of seconds from 1 to 86400"),
+                               ("max_connections_per_peer", 0, "an integer from 1 to 100000"),
+                               ("max_stream_resets", True, "an integer from 1 to 100000"),
+                               ("connection_write_buffer", 1024, "an integer from 16384 to 67108864")):
+        with pytest.raises(ConfigError) as err:
+            settings_from_dict({"node_name": "node-a", key: bad})
+        assert str(err.value) == f"settings key '{key}': {bad!r} is not valid: expected {expected}"
