@@ -124,9 +124,6 @@ def test_generated_hbone_input_never_breaks_the_proxy(target: Target) -> None:
     assert not unexpected, unexpected[:3]
 
 
-@pytest.mark.xfail(reason="issue 13 defect 4 (the HTTP/2 work): about 1 MiB is kept per connection after "
-                          "it closed (200 inputs: +217 MiB, 600: +609 MiB); remove this mark when it lands",
-                   strict=False)
 def test_memory_stays_bounded_after_the_generated_connections() -> None:
     assert GROWTH, "runs after test_generated_hbone_input_never_breaks_the_proxy"
     grown, inputs = GROWTH[-1]
