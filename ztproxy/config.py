@@ -434,7 +434,7 @@ _SECTIONS: Dict[str, Tuple[Type[Any], Dict[str, Checker]]] = {
         "identity": _optional(_spiffe_id),
         "server_name": _optional(_dns_name),
         "token_file": _optional(_path),
-        "cert_ttl": _int_range(600, MAX_CERT_TTL),
+        "cert_ttl": _int_range(60, MAX_CERT_TTL),  # as ztmesh_ca: shorter cannot be renewed in time
         "renew_fraction": _fraction(0.1, 0.9),
     }),
     "revocation": (RevocationSettings, {

@@ -77,11 +77,57 @@ class ProxyNode:
         self.dns_bound: List[Tuple[str, int]] = []
         self.servers: Dict[str, HttpServer] = {}
         self.renewer: Optional[asyncio.Task] = None
+        # Renewal status of each identity (metrics, admin endpoint); set when ca.addresses is configured.
+        self.renewal: Optional[Any] = None
+        self._register_certificate_metrics()
         self._stop: Optional[asyncio.Event] = None
         self._renewer_stop: Optional[asyncio.Event] = None
         self._started = False
 
     # -- providers -----------------------------------------------------------------------------------
+
+    def held_identities(self) -> List[Any]:
+        """The node identity and every identity of this node's workloads: the certificates it holds."""
+        from ztproxy.identity.pki import IdentityError, SpiffeId, node_identity
+
+        out = [node_identity(self.settings.trust_domain, self.settings.node_name)]
+        for identity, _, _ in self.local_identities():
+            try:
+                out.append(SpiffeId.parse(identity))
+            except IdentityError as exc:
+                log.error("cannot follow the certificate of %s: %s", identity, exc)
+        return out
+
+    def renewal_status(self) -> Dict[str, Any]:
+        """Per identity: remaining lifetime and the renewer's last result (admin /config_dump)."""
+        from ztproxy.identity.pki import read_identity, summarize
+
+        statuses = dict(self.renewal.status) if self.renewal is not None else {}
+        out: Dict[str, Any] = {}
+        for identity in self.held_identities():
+            installed = read_identity(self.settings.certs_dir, identity)
+            entry: Dict[str, Any] = {"online_renewal": self.renewal is not None}
+            if installed is not None:
+                summary = summarize(installed[1])
+                entry.update(serial=summary.serial, not_after=summary.not_after.isoformat(),
+                             remaining_seconds=int(summary.remaining()),
+                             lifetime_seconds=int(summary.lifetime))
+            else:
+                entry["error"] = "no certificate installed"
+            if identity in statuses:
+                entry.update(statuses[identity].as_dict())
+            out[str(identity)] = entry
+        return out
+
+    def _register_certificate_metrics(self) -> None:
+        try:
+            from ztproxy.identity.metrics import CertificateMetrics
+        except ImportError:  # the identity extras are missing: the proxy still runs, without these metrics
+            log.warning("certificate metrics are off: a package of ztproxy.identity is missing",
+                        exc_info=True)
+            return
+        self.registry.register(CertificateMetrics(self.settings.certs_dir, self.held_identities,
+                                                  lambda: self.renewal))
 
     def mesh_state(self) -> Any:
         watcher = self.app.state_watcher
@@ -155,7 +201,8 @@ class ProxyNode:
             routes = admin_routes(settings=lambda: settings_to_dict(self.settings),
                                   mesh_state=self.mesh_state, certificates=self.certificates,
                                   on_quit=self.request_stop,
-                                  extra={"policies": lambda: sorted(self.authorizer.index.by_key)})
+                                  extra={"policies": lambda: sorted(self.authorizer.index.by_key),
+                                         "renewal": self.renewal_status})
             await self._serve_http("admin", listen.admin, routes)
         self._started = True
 
@@ -198,10 +245,8 @@ class ProxyNode:
     def _start_renewer(self) -> None:
         """Online renewal (ztproxy.identity.renewer) of the node identity and of every identity the mesh
         state places on this node; the data plane picks the new files up on its next reload tick."""
-        from ztproxy.identity.pki import IdentityError, SpiffeId
-
         try:
-            from ztproxy.identity.renewer import RenewerSettings, run_renewer
+            from ztproxy.identity.renewer import Renewer, RenewerSettings, run_renewer
         except ImportError as exc:
             raise StartupError(f"online renewal ('ca.addresses') needs a missing Python package: {exc}; "
                                "install it or remove 'ca.addresses' to renew through Ansible only") from None
@@ -214,18 +259,10 @@ class ProxyNode:
             renew_fraction=ca.renew_fraction, ca_identity=ca.identity, ca_server_name=ca.server_name,
             token_path=ca.token_file)
 
-        def identities() -> List[Any]:
-            out = []
-            for identity, _, _ in self.local_identities():
-                try:
-                    out.append(SpiffeId.parse(identity))
-                except IdentityError as exc:
-                    log.error("cannot renew %s: %s", identity, exc)
-            return out
-
+        self.renewal = Renewer(renewer_settings)
         self._renewer_stop = asyncio.Event()
         self.renewer = asyncio.get_event_loop().create_task(
-            run_renewer(renewer_settings, identities, self._renewer_stop))
+            run_renewer(renewer_settings, self.held_identities, self._renewer_stop, renewer=self.renewal))
         log.info("online certificate renewal from %s",
                  ", ".join(f"{host}:{port}" for host, port in ca.addresses))
 
