@@ -122,7 +122,10 @@ chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_re
     e2scrub_all.timer fstrim.timer systemd-timesyncd.service >/dev/null 2>&1 || true
 if [ "$variant" = cloud-init ]; then
     # Only the NoCloud seed of the tier (a disk labelled cidata): no probing of cloud metadata servers.
-    printf 'datasource_list: [NoCloud, None]\n' > "$root/etc/cloud/cloud.cfg.d/90-ztmesh-vm-tier.cfg"
+    # Its locale is the one the image has (C.UTF-8, as Debian's cloud images set it): without the
+    # locales package cloud-init's default (en_US.UTF-8) cannot be generated.
+    printf 'datasource_list: [NoCloud, None]\nlocale: C.UTF-8\n' > "$root/etc/cloud/cloud.cfg.d/90-ztmesh-vm-tier.cfg"
+    printf 'LANG=C.UTF-8\n' > "$root/etc/default/locale"
 fi
 
 cat > "$OUT.tmp/network.json" <<EOF

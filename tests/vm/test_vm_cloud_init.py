@@ -56,9 +56,6 @@ def bundle_inventory(controller_inventory: dict, ca_vm) -> dict:
     for key in ("ansible_ssh_private_key_file", "ansible_ssh_common_args", "ansible_user"):
         nodes["vars"].pop(key)
     nodes["vars"].update(ztmesh_ca_host="ztmesh-ca", ztmesh_ca_dir="/etc/ztmesh/ca")
-    for name, host in nodes["hosts"].items():
-        if name != "vm4":
-            host.pop("ansible_host")
     inventory["all"]["hosts"] = {"ztmesh-ca": {
         "ansible_host": ca_vm.address, "ansible_connection": "ssh", "ansible_user": "root",
         "ansible_python_interpreter": "/opt/ztmesh/venv/bin/python"}}
@@ -107,7 +104,7 @@ def test_cloud_init_vm_onboards_itself_and_talks_through_the_mesh(fleet: Fleet, 
         (LOGS / "cloud-init-user-data.yaml").write_text((seed / "user-data").read_text()
                                                         .replace(vm4.key.read_text().strip().split("\n")[1],
                                                                  "<key>"))
-        vm4.argv += ["-drive", f"if=virtio,format=raw,read-only=on,driver=vvfat,dir={seed},label=cidata"]
+        vm4.argv += ["-drive", f"if=virtio,read-only=on,driver=vvfat,dir={seed},label=cidata"]
         with timed("cloud-init VM: boot to SSH"):
             vm4.start()
             vm4.wait_ssh()

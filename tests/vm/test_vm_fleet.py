@@ -41,7 +41,7 @@ def serve(vm, body: str) -> None:
 def fetch(vm, url: str, timeout: int = 15) -> subprocess.CompletedProcess:
     """GET url from the VM with the baseline's python3 (a client of the VM's host workload)."""
     code = ("import sys, urllib.request\n"
-            f"print(urllib.request.urlopen({url!r}, timeout={timeout}).read().decode())\n")
+            f"print(urllib.request.urlopen(\"{url}\", timeout={timeout}).read().decode())\n")
     return vm.ssh(f"python3 -c '{code}'", check=False, timeout=timeout + 60)
 
 

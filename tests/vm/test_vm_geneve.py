@@ -45,7 +45,7 @@ def test_geneve_tunnel_lifecycle_on_real_kernel(fleet: Fleet, tmp_path: Path) ->
     assert first.returncode == 0, playbook_failure(first, "geneve-1")
     assert _changed(first.stdout) >= 3
     details = vm.ssh("ip -d link show gtest").stdout
-    assert "geneve id 2000" in details and "remote 10.99.0.2" in details and "dstport 6081" in details
+    assert "geneve id 2000" in details and "remote 10.99.0.2" in details and "dstport 6082" in details
     # Real packets through the tunnel: a TCP exchange with the far end, which answers over Geneve.
     vm.ssh(PEER_SERVER)
     assert vm.ssh(CLIENT).stdout.strip() == "geneve-ok"

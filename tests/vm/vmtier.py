@@ -224,7 +224,10 @@ class VM:
 def make_vm(name: str, index: int, image: Path, network: Network, mac: str, address: str,
             extra: list[str] | None = None, hostname: bool = True) -> VM:
     tap = network.tap(index)
-    append = "root=/dev/vda rw console=ttyS0 quiet" + (f" systemd.hostname={name}" if hostname else "")
+    # The journal's notices, warnings and errors also go to the console log: when a VM does not come
+    # back (no SSH), its console tail is all the test can show.
+    append = ("root=/dev/vda rw console=ttyS0 quiet systemd.journald.forward_to_console=1 "
+              "systemd.journald.max_level_console=notice" + (f" systemd.hostname={name}" if hostname else ""))
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-smp", "1", "-m", str(MEMORY_MB), "-nographic",
         "-snapshot", "-name", f"ztmesh-vm-tier-{name}",
@@ -266,7 +269,9 @@ def playbook(name: str, inventory: Path, playbook_path: Path, *extra: str,
     """ansible-playbook from the repository's venv with the repository's ansible.cfg; the output is
     kept in .cache/vm-logs/<name>.log and the wall time in timings.json."""
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_FORKS="10", ANSIBLE_HOST_KEY_CHECKING="False")
+               ANSIBLE_FORKS="10", ANSIBLE_HOST_KEY_CHECKING="False",
+               # The slowest tasks at the end of each log (where the tier's time goes).
+               ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks", PROFILE_TASKS_TASK_OUTPUT_LIMIT="25")
     argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), str(playbook_path),
             *extra]
     with timed(f"ansible {name}"):
