@@ -12,6 +12,7 @@ parser would know.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 import subprocess
@@ -288,6 +289,17 @@ def ipset_command() -> str:
     if not path:
         raise IpsetError("the 'ipset' command is not installed on this node; install the ipset package")
     return path
+
+
+def no_set_can_exist() -> bool:
+    """True when the node has no ipset command and no set in the kernel (the ip_set module, which the
+    first set loads, is not loaded).
+
+    Lets removal answer "nothing to remove" on a node without the ipset command (a node ztmesh never
+    onboarded, or one whose onboarding was rolled back together with the packages it had brought),
+    instead of demanding a tool to delete what cannot exist.
+    """
+    return not which("ipset") and not os.path.exists("/sys/module/ip_set")
 
 
 def run_ipset(args: List[str], stdin: Optional[str] = None) -> Tuple[int, str, str]:

@@ -19,7 +19,8 @@ author:
   - ztmesh contributors (@ztmesh)
 requirements:
   - root (the probes create network namespaces)
-  - pyroute2 on the managed node (for the tunnel probes; without it they report false)
+  - pyroute2 in the Python that runs the module (the ztmesh runtime has it); without it the module fails
+    and names the library, not a kernel feature
 options:
   netns:
     description:
@@ -163,8 +164,9 @@ ansible_facts:
 import os
 import re
 import subprocess
+import sys
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible.module_utils.ztmesh_backend import detect_iptables_backend, which
 from ansible.module_utils.ztmesh_common import (
     NETNS_ARGUMENT_SPEC,
@@ -205,9 +207,6 @@ def probe_command(argv: list) -> bool:
 def tunnel_kinds() -> tuple:
     supported, errors = {}, {}
     for kind, attrs in TUNNEL_PROBES.items():
-        if PYROUTE2_IMPORT_ERROR is not None:
-            supported[kind], errors[kind] = False, f"pyroute2 is missing: {PYROUTE2_IMPORT_ERROR}"
-            continue
         result = probe_link_create(kind, attrs)
         supported[kind] = result.ok
         if not result.ok:
@@ -256,6 +255,13 @@ def gather() -> dict:
 
 def main() -> None:
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
+    if PYROUTE2_IMPORT_ERROR is not None:
+        # A missing library is not a missing kernel feature: say which Python lacks it, and the fix.
+        module.fail_json(msg=(
+            f"{missing_required_lib('pyroute2')} It is missing from {sys.executable} "
+            f"({PYROUTE2_IMPORT_ERROR}). playbooks/mesh.yml runs the ztmesh modules with the ztmesh "
+            "runtime, which has it: run the modules through mesh.yml (or set ansible_python_interpreter "
+            "to /opt/ztmesh/venv/bin/python on an onboarded node)."), exception=PYROUTE2_IMPORT_ERROR)
     enter_netns_or_fail(module)
     module.exit_json(changed=False, ansible_facts={"ztmesh": gather()})
 

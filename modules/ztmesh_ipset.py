@@ -88,7 +88,8 @@ options:
     description: Named network namespace (C(/run/netns/NAME)) to act in; default the current one.
     type: str
 notes:
-  - Needs the C(ipset) command and C(unshare) (util-linux) on the node, and root.
+  - Needs the C(ipset) command and C(unshare) (util-linux) on the node, and root. Removal on a node without
+    the command succeeds unchanged when no set can exist (the ip_set kernel module is not loaded).
   - Supports check mode and diff mode.
 author:
   - ztmesh contributors (@ztmesh)
@@ -149,6 +150,7 @@ from ansible.module_utils.ztmesh_ipset import (
     IpsetError,
     apply_batch,
     canonical_set,
+    no_set_can_exist,
     pick_temp_name,
     plan_present,
     read_set,
@@ -186,7 +188,7 @@ def argument_spec() -> dict:
 
 def run(params: dict, check_mode: bool) -> dict:
     spec = spec_from_params(params)
-    live = read_set(spec.name)
+    live = None if params["state"] == "absent" and no_set_can_exist() else read_set(spec.name)
     refs = references(spec.name) if live is not None else 0
     before = state_dict(live)
     if params["state"] == "absent":

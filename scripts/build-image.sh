@@ -190,10 +190,11 @@ ExecStartPre=/usr/bin/ssh-keygen -A
 ExecStartPre=/usr/sbin/sshd -t
 UNIT
 
-    # Smaller image: no package caches, lists or documentation.
+    # Smaller image: no package caches or lists (as cloud images ship), no logs. The documentation stays:
+    # dpkg knows those files, and a later package removal rewrites the file lists of every package
+    # whose files were deleted behind its back, which the uninstall scenario would see as a change.
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin \
-        "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
-        "$root"/usr/share/info/* "$root"/var/log/*.log "$root"/var/log/apt/*
+        "$root"/var/lib/apt/lists/* "$root"/var/log/*.log "$root"/var/log/apt/*
 }
 
 SYSTEMD_STATE=""

@@ -13,6 +13,12 @@ say() { printf '\n==> %s\n' "$*"; }
 on() { local node="$1"; shift; podman exec "ztmesh-$node" "$@"; }
 address_of() { on "$1" sh -c "ip -4 -o addr show dev eth0 | awk '{print \$4}' | cut -d/ -f1"; }
 
+# The node image is a ztmesh node baseline: the demo's client (curl) is demo tooling, installed here
+# from the Debian mirror when missing; ztmesh itself brings everything it needs.
+for node in node1 node2 node3; do
+    on "$node" sh -c 'command -v curl >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends curl; }' >/dev/null
+done
+
 node1="$(address_of node1)"
 say "node1 (workload demo/web, $node1) serves HTTP on 8080 (python3 -m http.server, a transient unit)"
 on node1 sh -c 'mkdir -p /srv/demo && echo "hello from node1 through the mesh" > /srv/demo/index.html'

@@ -16,20 +16,24 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def run_module(name: str, args: dict, check: bool = False, diff: bool = False, timeout: int = 120) -> dict:
-    """Return the module's result dict (``failed``/``msg`` on failure, ``changed``, ``diff``...)."""
+def run_module(name: str, args: dict, check: bool = False, diff: bool = False, timeout: int = 120,
+               interpreter: str = sys.executable) -> dict:
+    """Return the module's result dict (``failed``/``msg`` on failure, ``changed``, ``diff``...).
+
+    ``interpreter`` is the Python the module runs with (default: the tests' own, which has every library).
+    """
     env = dict(os.environ)
     env.update(
         ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
         ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
         ANSIBLE_STDOUT_CALLBACK="json",
-        ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+        ANSIBLE_PYTHON_INTERPRETER=interpreter,
         ANSIBLE_LOCALHOST_WARNING="0",
         ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
         ANSIBLE_NOCOLOR="1",
     )
     argv = [str(VENV_BIN / "ansible"), "localhost", "-i", "localhost,", "-c", "local",
-            "-m", name, "-a", json.dumps(args)]
+            "-m", name, *(["-a", json.dumps(args)] if args else [])]
     if check:
         argv.append("--check")
     if diff:

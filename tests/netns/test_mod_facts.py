@@ -103,3 +103,15 @@ def test_ztmesh_chains_pin_the_backend(netns, sh):
     sh(f"iptables-{other}", "-t", "mangle", "-N", "ztunnel-PREROUTING", netns=netns)
     found = facts(netns)["iptables"]
     assert found["backend"] == other and "ztmesh chains" in found["reason"]
+
+
+def test_missing_pyroute2_is_named_as_a_library_not_a_kernel_feature(tmp_path):
+    # A Python without pyroute2: a fresh virtual environment of the system's python3 (no site packages).
+    subprocess.run(["python3", "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    bare = str(tmp_path / "bare" / "bin" / "python")
+    assert subprocess.run([bare, "-c", "import pyroute2"], capture_output=True).returncode != 0
+    result = run_module("ztmesh_facts", {}, interpreter=bare)
+    assert result.get("failed"), result
+    assert "pyroute2" in result["msg"] and bare in result["msg"], result["msg"]
+    assert "kernel" not in result["msg"] and "tunnel_kind" not in result["msg"], result["msg"]
+    assert "ansible_facts" not in result or not result["ansible_facts"], result

@@ -1,8 +1,9 @@
 """The ztproxy role's offline installation path, for real: roles/ztproxy/files/wheelhouse.py builds the
 wheelhouse on the "controller" (from this repository, dependencies as manylinux wheels for the target
-Python), and a fresh virtualenv made by the system's python3 installs ztproxy from it with
-`pip --no-index` (no index, no configured find-links: the wheelhouse is the only source), exactly as
-the role does on a node; the installed command then runs. A second build reuses the cache."""
+Python, pinned by roles/ztproxy/files/constraints.txt) and the runtime archive; the runtime is laid out
+as the role does on a node (roles/ztproxy/tasks/runtime_layout.yml: the archive unpacked, pyvenv.cfg,
+bin/python linked to the system's python3; no pip, no venv module) and ztproxy then runs from it with
+only the wheelhouse's libraries. A second build reuses the cache."""
 
 from __future__ import annotations
 
@@ -47,17 +48,40 @@ def test_wheelhouse_installs_ztproxy_offline(tmp_path: Path) -> None:
     again = build(cache)
     assert again["changed"] is False and again["path"] == first["path"]
 
+    # The pins of constraints.txt are what the wheelhouse holds (for this Python, when pinned for it).
+    pins = {}
+    for line in (BUILDER.parent / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement, _, marker = line.partition(";")
+            name, _, pinned = requirement.partition("==")
+            pins[name.strip().lower().replace("-", "_")] = (pinned.strip(), marker.strip())
+    node_version = subprocess.run([SYSTEM_PYTHON, "-c", "import platform; print(platform.python_version())"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+    current = ".".join(node_version.split(".")[:2])
+    for wheel in wheels:
+        name, wheel_version = wheel.split("-")[:2]
+        pinned, marker = pins.get(name.lower(), (None, ""))
+        if pinned and marker in ("", f'python_version == "{current}"') and not name.startswith("ztmesh"):
+            assert wheel_version == pinned, (wheel, pinned)
+
+    # The runtime as the role lays it out on a node.
     venv = tmp_path / "venv"
-    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=300)
-    env = dict(os.environ, PIP_CONFIG_FILE="/dev/null", PIP_NO_CACHE_DIR="1")
-    env.pop("PIP_FIND_LINKS", None)
-    env.pop("PIP_INDEX_URL", None)
-    env.pop("PIP_EXTRA_INDEX_URL", None)
-    proc = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "--disable-pip-version-check",
-                           "--no-index", "--find-links", first["path"],
-                           str(Path(first["path"]) / first["project_wheel"])],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (venv / "bin").mkdir(parents=True)
+    shutil.unpack_archive(first["archive"], venv)
+    assert (venv / first["site_packages"] / "ztproxy").is_dir()
+    real_python = os.path.realpath(SYSTEM_PYTHON)
+    (venv / "bin" / "python").symlink_to(real_python)
+    (venv / "pyvenv.cfg").write_text(f"home = {os.path.dirname(real_python)}\n"
+                                     "include-system-site-packages = false\n"
+                                     f"version = {node_version}\n")
+    (venv / "bin" / "ztproxy").write_text(f"#!{venv}/bin/python\nimport sys\n\n"
+                                          "from ztproxy.cli import main\n\nsys.exit(main())\n")
+    (venv / "bin" / "ztproxy").chmod(0o755)
+    # Only the runtime's libraries: not the system's site-packages (pyvenv.cfg says so).
+    paths = subprocess.run([str(venv / "bin/python"), "-c", "import sys; print(sys.path)"],
+                           capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "dist-packages" not in paths and str(venv / first["site_packages"]) in paths, paths
     version = subprocess.run([str(venv / "bin/ztproxy"), "--version"], capture_output=True, text=True,
                              timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("ztproxy "), version.stdout + version.stderr

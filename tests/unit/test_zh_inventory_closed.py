@@ -157,3 +157,25 @@ def test_the_reserved_namespace_is_refused(tmp_path, account) -> None:
     service = inventory.build_fleet({"n1": {"ztmesh_services": [{"name": "s", "namespace": "ztmesh-system",
                                                                  "ports": [80]}]}}, ["n1"])
     assert any("reserved" in e for e in service["errors"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("variables,named", [
+    ({"ztmesh_package_source": "contoller"}, "must be mirror"),
+    ({"ztmesh_package_source": "controller"}, "ztmesh_package_dir is not set"),
+    ({"ztmesh_package_source": "controller", "ztmesh_package_dir": "/nonexistent/repo"}, "/nonexistent/repo"),
+])
+def test_a_wrong_package_source_is_refused_before_any_host_is_contacted(tmp_path, variables, named) -> None:
+    proc = run(tmp_path, mesh(nodes(), group_vars=variables))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "ztmesh_package_source" in out and named in out, out
+    assert "fetch-node-packages.sh" in out, out
+
+
+@pytest.mark.timeout(120)
+def test_a_package_directory_on_the_controller_is_accepted(tmp_path) -> None:
+    (tmp_path / "repo").mkdir()
+    proc = run(tmp_path, mesh(nodes(), group_vars={"ztmesh_package_source": "controller",
+                                                   "ztmesh_package_dir": str(tmp_path / "repo")}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
