@@ -1,10 +1,10 @@
 """The data plane's hooks for authorization and telemetry (contract: docs/hooks-contract.md).
 
 The data plane calls an ``Authorizer`` for every inbound connection and a ``ConnectionObserver`` for
-every proxied connection. Implementations live elsewhere (ztproxy.authz, ztproxy.telemetry); the App is
-constructed with them (ztproxy.wiring.ProxyNode does it for ``ztproxy run``). A denied connection is
-never passed to ``ConnectionObserver.opened`` by the data plane: the authorizer installed by the wiring
-records it, so it is counted once. ``AllowAll`` and ``NoObserver`` are the defaults of an App built
+every proxied connection. Implementations live elsewhere (ztproxy.authz, ztproxy.telemetry); the Proxy
+is constructed with them (ztproxy.app.App does it for ``ztproxy run``). A denied connection is
+never passed to ``ConnectionObserver.opened`` by the data plane: the authorizer installed by the app
+records it, so it is counted once. ``AllowAll`` and ``NoObserver`` are the defaults of a Proxy built
 without policy or telemetry: they are what they say, not an authorization engine.
 """
 

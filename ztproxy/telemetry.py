@@ -7,7 +7,7 @@ once at the end, which counts the close (and the failure), and writes the access
 
 Metric names, labels and the "unknown" default are ztunnel's (``src/proxy/metrics.rs``;
 ``istio_tcp_connections_failed_total`` from ztunnel PR #1695). Byte directions follow Istio's
-definitions for both reporters, as the data plane's trackers report them (ztproxy.pump):
+definitions for both reporters, as the data plane's trackers report them (ztproxy.proxy.copy):
 ``add_received(n)`` is the request direction, bytes received from the connection's client
 (``istio_tcp_received_bytes_total``); ``add_sent(n)`` the response direction, bytes sent back to the
 client (``istio_tcp_sent_bytes_total``). So for ``reporter="source"`` the received counter holds what

@@ -19,7 +19,7 @@ from typing import Any, Dict
 
 import pytest
 import yaml
-from zp_harness import AppThread, EchoServer, H2TunnelClient, MeshFiles, client_tls_context, workload
+from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
 from ztproxy import meshseal
 from ztproxy.identity.meshstate import MeshStateError as PlacementError
@@ -181,7 +181,7 @@ def test_a_running_proxy_keeps_its_last_good_state(tmp_path: Path, caplog) -> No
     echo = EchoServer(SERVER_IP)
     statuses = []
     try:
-        with AppThread(files.settings(reload_interval=0.1)) as app:
+        with ProxyThread(files.settings(reload_interval=0.1)) as app:
             for attack in (b"", cut):
                 _write(files.state_path, attack)
                 time.sleep(0.6)  # several reload intervals
@@ -198,7 +198,7 @@ def test_a_running_proxy_keeps_its_last_good_state(tmp_path: Path, caplog) -> No
                     client.wait(lambda sid=sid, client=client: client.ended.get(sid))
                     assert bytes(client.data[sid]) == b"still in the mesh"
                 client.close()
-            assert len(app.app.state.workloads) == 2
+            assert len(app.proxy.state.workloads) == 2
     finally:
         echo.close()
     assert statuses == [200, 200], statuses
