@@ -22,7 +22,6 @@ import yaml
 from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
 from ztproxy import meshseal
-from ztproxy.identity.meshstate import MeshStateError as PlacementError
 from ztproxy.identity.meshstate import parse_placements
 from ztproxy.state import MeshStateError, load_mesh_state, parse_mesh_state_bytes
 
@@ -79,7 +78,7 @@ def test_every_prefix_of_a_sealed_file_is_refused_by_both_readers() -> None:
             continue
         with pytest.raises(MeshStateError, match="refused|empty"):
             parse_mesh_state_bytes(prefix, "cluster.local")
-        with pytest.raises(PlacementError):
+        with pytest.raises(MeshStateError):
             parse_placements(prefix.decode(), "cluster.local")
         try:
             if yaml.safe_load(prefix.decode()) is not None:
@@ -107,7 +106,7 @@ def test_hand_written_files_stay_accepted_but_an_empty_one_never() -> None:
     for empty in (b"", b"\n", b"# nothing\n", b"---\n"):
         with pytest.raises(MeshStateError, match="empty"):
             parse_mesh_state_bytes(empty, "cluster.local")
-        with pytest.raises(PlacementError, match="empty"):
+        with pytest.raises(MeshStateError, match="empty"):
             parse_placements(empty.decode(), "cluster.local")
     # The helper the tests and tools use writes the format the renderer writes.
     sealed = meshseal.seal(hand.decode())
