@@ -26,10 +26,9 @@ from ztproxy.authz import MeshAuthorizer
 from ztproxy.certs import CertError, IdentityFiles
 from ztproxy.config import Settings, settings_to_dict
 from ztproxy.dns import DnsConfigError, DnsMetrics, DnsProxy, read_resolv_conf
-from ztproxy.hooks import ConnContext, Decision
+from ztproxy.hooks import ConnContext, Decision, Failure, Reason
 from ztproxy.proxy import Proxy, StartupError
 from ztproxy.telemetry import (
-    RESPONSE_FLAG_DENY,
     AccessLog,
     Telemetry,
     TrafficMetrics,
@@ -55,7 +54,7 @@ class RecordingAuthorizer:
     def authorize(self, conn: ConnContext) -> Decision:
         decision = self.authorizer.authorize(conn)
         if not decision.allowed:
-            self.telemetry.opened(conn).closed(decision.reason, RESPONSE_FLAG_DENY)
+            self.telemetry.opened(conn).closed(Failure(Reason.DENIED, decision.reason))
         return decision
 
 

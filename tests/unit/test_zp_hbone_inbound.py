@@ -22,7 +22,7 @@ import pytest
 from pki import CA, now
 from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
-from ztproxy.hooks import ConnContext, Decision
+from ztproxy.hooks import ConnContext, Decision, Failure, Reason
 
 pytestmark = pytest.mark.timeout(60)
 SERVER_IP, CLIENT_IP = "127.0.0.3", "127.0.0.2"
@@ -40,6 +40,29 @@ class DenyIdentity:
         if conn.src_identity == self.denied:
             return Decision(False, f"{self.denied} is denied by the test")
         return Decision(True, "")
+
+
+class RecordingObserver:
+    """A test ConnectionObserver: keeps how each connection ended (None or a typed Failure)."""
+
+    def __init__(self) -> None:
+        self.closes = []
+
+    def opened(self, conn: ConnContext) -> RecordingObserver._Tracker:
+        return RecordingObserver._Tracker(self.closes)
+
+    class _Tracker:
+        def __init__(self, closes) -> None:
+            self.closes = closes
+
+        def add_sent(self, n: int) -> None:
+            pass
+
+        def add_received(self, n: int) -> None:
+            pass
+
+        def closed(self, failure=None) -> None:
+            self.closes.append(failure)
 
 
 @pytest.fixture
@@ -115,11 +138,17 @@ def test_status_codes(files, echo, tmp_path) -> None:
     closed_port.bind((SERVER_IP, 0))
     port = closed_port.getsockname()[1]
     closed_port.close()
-    with ProxyThread(files.settings(), authorizer=DenyIdentity(denied)) as app:
+    observer = RecordingObserver()
+    with ProxyThread(files.settings(), authorizer=DenyIdentity(denied), observer=observer) as app:
         client = _client(files, app, tmp_path)
         assert client.wait_status(client.connect(f"{SERVER_IP}:{echo.address[1]}")) == 401
+        assert observer.closes == []  # a denial is recorded by the authorizer, never opened here
         other = _client(files, app, tmp_path, leaf=files.issue("default", "friend"))
         assert other.wait_status(other.connect(f"{SERVER_IP}:{port}")) == 503
+        # The failure is a value: its reason, not its text, says the upstream connect failed.
+        (failure,) = observer.closes
+        assert isinstance(failure, Failure) and failure.reason is Reason.CONNECT_FAILED
+        assert failure.reason.response_flag == "CONNECT"
         assert other.wait_status(other.connect(f"{CLIENT_IP}:{echo.address[1]}")) == 400  # not on this node
         assert other.wait_status(other.connect("not-an-address")) == 400
         assert other.wait_status(other.connect(f"{SERVER_IP}:{echo.address[1]}")) == 200  # still serving

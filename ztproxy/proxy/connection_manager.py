@@ -8,6 +8,7 @@ import asyncio
 import logging
 from typing import Any, Coroutine, Dict, List, Optional, Set
 
+from ztproxy.hooks import Failure
 from ztproxy.proxy.h2.session import H2Session
 
 log = logging.getLogger("ztproxy")
@@ -43,10 +44,10 @@ class ConnectionManager:
         self._active.add(connection)
         previous = connection.on_done
 
-        def done(error: Optional[str]) -> None:
+        def done(failure: Optional[Failure]) -> None:
             self._active.discard(connection)
             if previous is not None:
-                previous(error)
+                previous(failure)
 
         connection.on_done = done
 

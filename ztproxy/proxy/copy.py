@@ -11,7 +11,8 @@ capacity, send data, send end, reset, acknowledge, flush, finished, and one flag
 ``ztproxy.proxy.h2.session.H2Session`` implements it. In the other direction the carrier calls the
 pump's ``on_h2_data``, ``on_h2_end``, ``on_h2_reset``, ``on_window``, ``on_session_lost`` and
 ``update_reading`` (``ztproxy.proxy.h2.session.StreamHandler``). The pump reports the end of the
-connection once, to its ``ConnTracker`` (ztproxy.hooks), and to ``on_done``. Nothing else crosses.
+connection once, to its ``ConnTracker`` (ztproxy.hooks), and to ``on_done``, with None or a typed
+``Failure`` (ztproxy.hooks.Reason: why, as a value). Nothing else crosses.
 
 Flow control never buffers without bound and never deadlocks:
 - TCP -> HTTP/2: data is read from the TCP socket only while the stream has send window and the TLS
@@ -34,6 +35,8 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Protocol
 
+from ztproxy.hooks import Failure, Reason
+
 if TYPE_CHECKING:  # pragma: no cover
     from ztproxy.hooks import ConnTracker
 
@@ -45,7 +48,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 CANCEL = 0x8
 CONNECT_ERROR = 0xA
 
-DoneCallback = Callable[[Optional[str]], None]
+DoneCallback = Callable[[Optional[Failure]], None]
 
 
 class StreamCarrier(Protocol):
@@ -200,7 +203,8 @@ class StreamPump(asyncio.Protocol):
             return
         # The TCP peer went away (RST or our abort) before both directions ended: reset the stream.
         self._reset_stream(CONNECT_ERROR)
-        self._finish(f"tcp connection lost: {exc}" if exc else "tcp connection closed early")
+        self._finish(Failure(Reason.CONNECTION_LOST,
+                             f"tcp connection lost: {exc}" if exc else "tcp connection closed early"))
 
     # -- HTTP/2 side (called by the session) ----------------------------------------------------------
 
@@ -225,26 +229,31 @@ class StreamPump(asyncio.Protocol):
         self._maybe_close()
 
     def on_h2_reset(self, error: str) -> None:
+        """The peer reset the stream; ``error`` describes it."""
         self._end_received = self._end_sent = True
         if self.tcp is not None:
             abort_with_reset(self.tcp)
-        self._finish(error)
+        self._finish(Failure(Reason.STREAM_RESET, error))
 
     def on_window(self) -> None:
         self._send_pending()
 
-    def cancel(self, error: str) -> None:
+    def cancel(self, failure: Failure) -> None:
         """Give up on an established stream whose TCP side never came up: reset it, finish."""
         self._reset_stream(CANCEL)
-        self._finish(error)
+        self._finish(failure)
 
     def on_session_lost(self, error: str) -> None:
         """The HTTP/2 connection is gone: abort the TCP side (RST), so the client sees an error."""
+        self.abort(Failure(Reason.CONNECTION_LOST, error))
+
+    def abort(self, failure: Failure) -> None:
+        """End the connection now: abort the TCP side (RST), so the client sees an error."""
         if self._finished:
             return
         if self.tcp is not None:
             abort_with_reset(self.tcp)
-        self._finish(error)
+        self._finish(failure)
 
     def update_reading(self) -> None:
         self._update_reading()
@@ -324,7 +333,7 @@ class StreamPump(asyncio.Protocol):
         if self.session is not None:
             self.session.reset(self.stream_id, code)
 
-    def _finish(self, error: Optional[str]) -> None:
+    def _finish(self, failure: Optional[Failure]) -> None:
         if self._finished:
             return
         self._finished = True
@@ -334,9 +343,9 @@ class StreamPump(asyncio.Protocol):
             task.cancel()
         if self.session is not None:
             self.session.stream_finished(self.stream_id)
-        self.tracker.closed(error)
+        self.tracker.closed(failure)
         if self.on_done is not None:
-            self.on_done(error)
+            self.on_done(failure)
 
 
 class _RelaySide(asyncio.Protocol):
@@ -403,7 +412,8 @@ class _RelaySide(asyncio.Protocol):
         if self.eof and self.peer.eof:
             self.relay.close(None)
         else:
-            self.relay.close(f"connection lost: {exc}" if exc else "connection closed early", abort=True)
+            self.relay.abort(Failure(Reason.CONNECTION_LOST,
+                                     f"connection lost: {exc}" if exc else "connection closed early"))
 
 
 class TcpRelay:
@@ -427,7 +437,11 @@ class TcpRelay:
         self.client.flush_held()
         self.server.flush_held()
 
-    def close(self, error: Optional[str], abort: bool = False) -> None:
+    def abort(self, failure: Failure) -> None:
+        """End both sides now with a TCP RST."""
+        self.close(failure, abort=True)
+
+    def close(self, failure: Optional[Failure], abort: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
@@ -437,6 +451,6 @@ class TcpRelay:
                     abort_with_reset(side.transport)
                 else:
                     side.transport.close()
-        self.tracker.closed(error)
+        self.tracker.closed(failure)
         if self.on_done is not None:
-            self.on_done(error)
+            self.on_done(failure)

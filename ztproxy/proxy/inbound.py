@@ -20,7 +20,7 @@ import h2.exceptions
 
 from ztproxy.certs import CertError, peer_identity_in_domain, peer_spiffe_ids, tls_problem
 from ztproxy.config import parse_host_port
-from ztproxy.hooks import ConnContext
+from ztproxy.hooks import ConnContext, Failure, Reason
 from ztproxy.proxy.copy import StreamPump, abort_with_reset
 from ztproxy.proxy.h2.session import H2Session
 from ztproxy.proxy.inputs import ProxyInputs
@@ -270,7 +270,7 @@ class HboneServerSession(H2Session):
             log.info("HBONE stream %d: upstream %s:%d connect failed: %s", sid, ctx.dst_ip, ctx.dst_port, exc)
             self.pumps.pop(sid, None)
             self._respond(sid, 503, end=True)
-            pump.on_session_lost(f"upstream connect failed: {exc}")
+            pump.abort(Failure(Reason.CONNECT_FAILED, f"upstream connect failed: {exc}"))
             return
         pump.connect_task = None
         if pump.finished or self.closed:

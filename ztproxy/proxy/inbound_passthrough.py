@@ -11,7 +11,7 @@ import logging
 import socket
 from typing import Tuple
 
-from ztproxy.hooks import ConnContext
+from ztproxy.hooks import ConnContext, Failure, Reason
 from ztproxy.proxy.copy import TcpRelay
 from ztproxy.proxy.inputs import ProxyInputs
 from ztproxy.proxy.listener import reset
@@ -56,13 +56,13 @@ class PlaintextInboundHandler:
             await connect_upstream(pi.settings, (dst_ip, dst_port), peer[0], lambda: relay.server)
         except OSError as exc:
             log.info("inbound plaintext %s -> %s:%d: connect failed: %s", peer[0], dst_ip, dst_port, exc)
-            relay.tracker.closed(f"connect failed: {exc}")
+            relay.tracker.closed(Failure(Reason.CONNECT_FAILED, f"connect failed: {exc}"))
             reset(sock)
             return
         pi.connections.track(relay)
         try:
             await adopt(sock, relay.client)
         except OSError as exc:
-            relay.close(f"client connection lost: {exc}", abort=True)
+            relay.abort(Failure(Reason.CLIENT_LOST, f"client connection lost: {exc}"))
             return
         relay.start()

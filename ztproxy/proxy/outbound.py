@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from ztproxy.hooks import ConnContext
+from ztproxy.hooks import ConnContext, Failure, Reason
 from ztproxy.proxy.copy import StreamPump, TcpRelay
 from ztproxy.proxy.h2.client import HboneError
 from ztproxy.proxy.inputs import ProxyInputs
@@ -172,12 +172,12 @@ class OutboundHandler:
             status = await session.connect_stream(_host_port(*route.target), self._headers(peer, source),
                                                   pump, pi.settings.connect_timeout)
         except HboneError as exc:
-            tracker.closed(str(exc))
+            tracker.closed(Failure(Reason.CONNECT_FAILED, str(exc)))
             return str(exc), True
         if status != 200:
             reason = f"HBONE CONNECT {_host_port(*route.target)} via {_host_port(*route.hbone_addr)} " \
                      f"answered {status}"
-            tracker.closed(reason)
+            tracker.closed(Failure(Reason.HBONE_REFUSED, reason))
             # 401/400 are the destination's decision: another endpoint would not change it.
             return reason, status == 503
         self.picker.succeeded(*route.target)
@@ -185,7 +185,7 @@ class OutboundHandler:
         try:
             transport = await adopt(sock, pump)
         except OSError as exc:  # the client went away meanwhile
-            pump.cancel(f"client connection lost: {exc}")
+            pump.cancel(Failure(Reason.CLIENT_LOST, f"client connection lost: {exc}"))
             return None, False
         pump.attach_tcp(transport)
         pump.start()
@@ -198,13 +198,13 @@ class OutboundHandler:
         try:
             await connect_upstream(pi.settings, route.target, ctx.src_ip, lambda: relay.server)
         except OSError as exc:
-            relay.tracker.closed(f"connect failed: {exc}")
+            relay.tracker.closed(Failure(Reason.CONNECT_FAILED, f"connect failed: {exc}"))
             return f"connect to {_host_port(*route.target)} failed: {exc}", True
         pi.connections.track(relay)
         try:
             await adopt(sock, relay.client)
         except OSError as exc:
-            relay.close(f"client connection lost: {exc}", abort=True)
+            relay.abort(Failure(Reason.CLIENT_LOST, f"client connection lost: {exc}"))
             return None, False
         relay.start()
         return None, False

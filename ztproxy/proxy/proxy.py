@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ztproxy.certs import CertError, CertStore, IdentityFiles, load_trust_bundle
 from ztproxy.config import Settings
-from ztproxy.hooks import AllowAll, Authorizer, ConnectionObserver, NoObserver
+from ztproxy.hooks import AllowAll, Authorizer, ConnectionObserver, Failure, NoObserver, Reason
 from ztproxy.proxy.connection_manager import ConnectionManager
 from ztproxy.proxy.h2.session import H2Limits
 from ztproxy.proxy.inbound import HboneListener
@@ -206,10 +206,7 @@ class Proxy:
         if remaining:
             log.warning("drain deadline reached: closing %d connection(s) still open", remaining)
         for connection in connections.active:
-            if hasattr(connection, "on_session_lost"):
-                connection.on_session_lost("proxy shutting down")
-            else:
-                connection.close("proxy shutting down", abort=True)
+            connection.abort(Failure(Reason.SHUTDOWN, "proxy shutting down"))
         for session in list(connections.server_sessions) + list(self.pool.sessions()):
             session.close()
         if self._reload_task is not None:
