@@ -14,15 +14,13 @@ import socket
 import ssl
 from typing import Callable, Dict, Optional, Tuple
 
-import h2.errors
 import h2.events
-import h2.exceptions
 
 from ztproxy.certs import CertError, peer_identity_in_domain, peer_spiffe_ids, tls_problem
 from ztproxy.config import parse_host_port
 from ztproxy.hooks import ConnContext, Failure, Reason
 from ztproxy.proxy.copy import StreamPump, abort_with_reset
-from ztproxy.proxy.h2.session import H2Session
+from ztproxy.proxy.h2.server import H2ServerSession
 from ztproxy.proxy.inputs import ProxyInputs
 from ztproxy.proxy.listener import reset
 from ztproxy.proxy.origdst import original_destination
@@ -68,7 +66,7 @@ def connect_header_problem(headers) -> Optional[str]:
 def parse_forwarded_for(value: str) -> Optional[Tuple[str, int]]:
     """The client address from ``forwarded: for="ip:port"`` (RFC 7239; IPv6 as "[ip]:port").
 
-    Never used for a decision or an address (see HboneServerSession._on_request), only, when consistent
+    Never used for a decision or an address (see HboneServerSession.handle_request), only, when consistent
     with the peer's certificate, for telemetry labels (source_workload)."""
     match = _FORWARDED_FOR.search(value)
     if not match:
@@ -92,19 +90,16 @@ def source_workload(state, peer_ip: str, peer_identity: Optional[str], forwarded
     return None
 
 
-class HboneServerSession(H2Session):
-    client_side = False
+class HboneServerSession(H2ServerSession):
+    """An inbound HBONE connection: the peer's certificate checked, each CONNECT authorized and
+    connected to its local target."""
 
     def __init__(self, inputs: ProxyInputs, local_addr: Tuple[str, int]) -> None:
-        super().__init__(inputs.limits)
+        settings = inputs.settings
+        super().__init__(inputs.limits, settings.preface_timeout, settings.idle_timeout)
         self.inputs = inputs
         self.local_addr = local_addr
         self.peer_identity: Optional[str] = None
-        self._last_stream_before_goaway: Optional[int] = None
-        self._settings_received = False
-        self._preface_timer: Optional[asyncio.TimerHandle] = None
-        self._idle_timer: Optional[asyncio.TimerHandle] = None
-        self._idle_since = 0.0
         self.on_closed: Optional[Callable[[], None]] = None  # frees the per-peer connection slot
 
     def check_peer(self, transport: asyncio.BaseTransport) -> Optional[str]:
@@ -129,80 +124,24 @@ class HboneServerSession(H2Session):
 
     def session_started(self) -> None:
         self.inputs.connections.server_sessions.add(self)
-        settings = self.inputs.settings
-        loop = asyncio.get_event_loop()
-        # The client's preface and first SETTINGS must arrive within preface_timeout: a TLS connection
-        # that never speaks HTTP/2 otherwise holds its buffers and a per-peer slot forever.
-        self._preface_timer = loop.call_later(settings.preface_timeout, self._preface_timed_out)
-        self._idle_since = loop.time()
-        self._idle_timer = loop.call_later(settings.idle_timeout, self._check_idle)
+        super().session_started()
 
     def session_lost(self, reason: str) -> None:
         self.inputs.connections.server_sessions.discard(self)
-        for timer in (self._preface_timer, self._idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self._preface_timer = self._idle_timer = None
+        super().session_lost(reason)
         if self.on_closed is not None:
             self.on_closed()
             self.on_closed = None
 
-    def _preface_timed_out(self) -> None:
-        self._preface_timer = None
-        if not self._settings_received:
-            self.protocol_violation(f"no HTTP/2 preface and SETTINGS within "
-                                    f"{self.inputs.settings.preface_timeout:g}s",
-                                    h2.errors.ErrorCodes.SETTINGS_TIMEOUT)
-
-    def _check_idle(self) -> None:
-        """Close a connection that has had no stream for idle_timeout (GOAWAY NO_ERROR)."""
-        self._idle_timer = None
-        if self.closed:
-            return
-        loop = asyncio.get_event_loop()
-        timeout = self.inputs.settings.idle_timeout
-        if self.pumps or self.conn.open_inbound_streams:
-            self._idle_since = loop.time()
-        elif loop.time() - self._idle_since >= timeout:
-            log.info("closing HBONE connection with %s: no stream for %gs", self.peername(), timeout)
-            self.close_reason = f"idle for {timeout:g}s"
-            self.goaway()
-            self.close()
-            return
-        self._idle_timer = loop.call_at(self._idle_since + timeout, self._check_idle)
-
-    def handle_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RemoteSettingsChanged):
-            self._settings_received = True
-        super().handle_event(event)
-
-    def goaway(self) -> None:
-        self._last_stream_before_goaway = self.conn.highest_inbound_stream_id
-        super().goaway()
-
     # -- requests -------------------------------------------------------------------------------------
-
-    def handle_other_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._on_request(event)
-
-    def _respond(self, stream_id: int, status: int, end: bool) -> None:
-        try:
-            self.conn.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=end)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
-        self.flush()
 
     def _refuse(self, stream_id: int, status: int, why: str) -> None:
         log.info("HBONE request %d from %s (%s) refused with %d: %s", stream_id, self.peername(),
                  self.peer_identity, status, why)
-        self._respond(stream_id, status, end=True)
+        self.respond(stream_id, status, end=True)
 
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
+    def handle_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        if self._last_stream_before_goaway is not None and sid > self._last_stream_before_goaway:
-            self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
-            return
         problem = connect_header_problem(event.headers)
         if problem:
             self._refuse(sid, 400, problem)
@@ -269,7 +208,7 @@ class HboneServerSession(H2Session):
         except OSError as exc:
             log.info("HBONE stream %d: upstream %s:%d connect failed: %s", sid, ctx.dst_ip, ctx.dst_port, exc)
             self.pumps.pop(sid, None)
-            self._respond(sid, 503, end=True)
+            self.respond(sid, 503, end=True)
             pump.abort(Failure(Reason.CONNECT_FAILED, f"upstream connect failed: {exc}"))
             return
         pump.connect_task = None
@@ -277,7 +216,7 @@ class HboneServerSession(H2Session):
             abort_with_reset(transport)
             return
         pump.attach_tcp(transport)
-        self._respond(sid, 200, end=False)
+        self.respond(sid, 200, end=False)
         pump.start()
 
 
