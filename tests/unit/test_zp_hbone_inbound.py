@@ -145,7 +145,11 @@ def test_status_codes(files, echo, tmp_path) -> None:
         assert observer.closes == []  # a denial is recorded by the authorizer, never opened here
         other = _client(files, app, tmp_path, leaf=files.issue("default", "friend"))
         assert other.wait_status(other.connect(f"{SERVER_IP}:{port}")) == 503
-        # The failure is a value: its reason, not its text, says the upstream connect failed.
+        # The failure is a value: its reason, not its text, says the upstream connect failed. (The
+        # proxy's thread may record it just after the client read the 503.)
+        deadline = time.monotonic() + 10
+        while not observer.closes and time.monotonic() < deadline:
+            time.sleep(0.01)
         (failure,) = observer.closes
         assert isinstance(failure, Failure) and failure.reason is Reason.CONNECT_FAILED
         assert failure.reason.response_flag == "CONNECT"
