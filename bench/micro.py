@@ -3,7 +3,7 @@
 
     payload -> h2 DATA frames -> TLS 1.3 (ssl.SSLObject over memory BIOs) -> h2 frame parsing -> payload
 
-once with stock h2 (serialize, data_to_send(), receive_data(bytes)) and once with ztproxy.h2frames
+once with stock h2 (serialize, data_to_send(), receive_data(bytes)) and once with ztproxy.proxy.h2.frames
 (take_output() pieces, TLS decrypting into the FrameReader). It reports CPU seconds per GB
 (time.process_time), which a loaded machine disturbs far less than end-to-end throughput: this is the
 figure the zero-copy work changes. No root needed.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from systems import Pki  # noqa: E402
 
-from ztproxy.h2frames import ZeroCopyH2Connection  # noqa: E402
+from ztproxy.proxy.h2.frames import ZeroCopyH2Connection  # noqa: E402
 
 CHUNK = 256 * 1024  # what the event loop hands the pump per TCP read
 FRAME = 1 << 20

@@ -87,7 +87,7 @@ author:
 """
 
 EXAMPLES = r"""
-- name: Node nat chains (DESIGN 2.1)
+- name: Node nat chains (docs/dataplane.md, node rule sets)
   ztmesh_iptables:
     table: nat
     chains:
@@ -100,7 +100,7 @@ EXAMPLES = r"""
         rules:
           - -m mark --mark 0x100/0x100 -j ACCEPT
 
-- name: Proxy-namespace TPROXY capture (DESIGN 2.2)
+- name: Proxy-namespace TPROXY capture (docs/dataplane.md, proxy namespace rule sets)
   ztmesh_iptables:
     netns: ztproxy
     table: mangle

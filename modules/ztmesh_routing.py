@@ -126,7 +126,7 @@ author:
 """
 
 EXAMPLES = r"""
-- name: Node policy routing (DESIGN 2.1)
+- name: Node policy routing (docs/dataplane.md, node rule sets)
   ztmesh_routing:
     rules:
       - {priority: 100, fwmark: "0x200", fwmask: "0x200", goto: 32766}
@@ -140,7 +140,7 @@ EXAMPLES = r"""
       - {table: 102, dst: default, gateway: 192.168.200.2, dev: ztproxy0, onlink: true}
       - {table: 100, dst: 192.168.200.2/32, dev: ztproxy0, scope: link}
 
-- name: Proxy namespace (DESIGN 2.2)
+- name: Proxy namespace (docs/dataplane.md, proxy namespace rule sets)
   ztmesh_routing:
     netns: ztproxy
     rules:

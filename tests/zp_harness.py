@@ -102,22 +102,22 @@ def workload(name: str, ip: str, node: str, namespace: str = "default", service_
 # ztproxy in a background thread (for tests that plug in their own hooks)
 
 
-class AppThread:
+class ProxyThread:
     def __init__(self, settings_dict: Dict[str, Any], authorizer: Any = None, observer: Any = None) -> None:
-        from ztproxy.app import App
         from ztproxy.config import settings_from_dict
+        from ztproxy.proxy import Proxy
 
-        self.app = App(settings_from_dict(settings_dict), authorizer, observer)
+        self.proxy = Proxy(settings_from_dict(settings_dict), authorizer, observer)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
-    def __enter__(self) -> AppThread:
+    def __enter__(self) -> ProxyThread:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.app.start(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(10)
         return self
 
     def port(self, name: str) -> int:
-        return self.app.bound[name][1]
+        return self.proxy.bound[name][1]
 
     def call(self, fn, *args):
         async def run():
@@ -126,11 +126,11 @@ class AppThread:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def drain(self, timeout: float = 5.0) -> bool:
-        return asyncio.run_coroutine_threadsafe(self.app.drain(timeout), self.loop).result(timeout + 10)
+        return asyncio.run_coroutine_threadsafe(self.proxy.drain(timeout), self.loop).result(timeout + 10)
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            if not self.app.draining:
+            if not self.proxy.draining:
                 self.drain(1.0)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)

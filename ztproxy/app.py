@@ -1,245 +1,309 @@
-"""Wiring: listeners, mesh state and certificate reload, connection tracking, graceful drain."""
+"""The app: the process that starts everything of one ztproxy node (ztunnel's app.rs). The data plane
+(ztproxy.proxy.Proxy) built with authorization and telemetry, plus the DNS proxy, the admin, metrics and
+readiness servers and, when the settings name a CA, the online certificate renewer. This is what
+``ztproxy run`` serves.
+
+    node = App(load_settings(path))
+    clean = await node.serve()      # until SIGTERM/SIGINT or POST /quitquitquit, then drain
+
+Every setting comes from ztproxy.config.Settings (one settings file, one config module).
+
+Start order is chosen for the readiness probe: the metrics and readiness servers come up first (and
+answer 503), then the data plane, then DNS and admin; readiness turns 200 only when the mesh state and
+every local identity's certificate are loaded and the listeners are up, and turns 503 again as soon as a
+drain starts, so a load balancer or the node's DNS capture stops sending work before listeners close.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 import signal
-import socket
-import time
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from ztproxy.certs import CertError, CertStore, IdentityFiles, load_trust_bundle
-from ztproxy.config import Settings
-from ztproxy.h2session import H2Limits, H2Session
-from ztproxy.hbone_server import HboneListener
-from ztproxy.hooks import AllowAll, Authorizer, ConnectionObserver, NoObserver
-from ztproxy.inbound import PlaintextInboundHandler
-from ztproxy.listener import Listener
-from ztproxy.origdst import SO_MARK, listening_socket
-from ztproxy.outbound import OutboundHandler
-from ztproxy.pool import HbonePool
-from ztproxy.state import MeshState, MeshStateError, MeshStateWatcher
+from ztproxy.admin import HttpServer, admin_routes, metrics_routes, readiness_routes
+from ztproxy.authz import MeshAuthorizer
+from ztproxy.certs import CertError, IdentityFiles
+from ztproxy.config import Settings, settings_to_dict
+from ztproxy.dns import DnsConfigError, DnsMetrics, DnsProxy, read_resolv_conf
+from ztproxy.hooks import ConnContext, Decision, Failure, Reason
+from ztproxy.proxy import Proxy, StartupError
+from ztproxy.telemetry import (
+    AccessLog,
+    Telemetry,
+    TrafficMetrics,
+    configure_access_log,
+    new_registry,
+    service_lookup_from,
+)
 
 log = logging.getLogger("ztproxy")
 
 
-class StartupError(Exception):
-    """ztproxy cannot start; the message says what to fix."""
+class RecordingAuthorizer:
+    """The Authorizer handed to the data plane: decides with MeshAuthorizer and, for a denial, records the
+    connection through the observer (opened, then closed with the reason and ztunnel's ``DENY`` response
+    flag). The data plane opens a tracker only for connections it goes on to proxy (hooks contract), so
+    this is the one place a denial is counted: once in ``istio_tcp_connections_opened_total``,
+    ``_closed_total`` and ``_failed_total``, and one access-log line with the reason, as in ztunnel."""
 
+    def __init__(self, authorizer: MeshAuthorizer, telemetry: Telemetry) -> None:
+        self.authorizer = authorizer
+        self.telemetry = telemetry
 
-def _listen_hint(exc: OSError, transparent: bool) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        return "another process is listening on that address; stop it or change the 'listen' setting"
-    if exc.errno in (errno.EPERM, errno.EACCES) and transparent:
-        return ("IP_TRANSPARENT needs CAP_NET_ADMIN: run ztproxy with that capability, or set "
-                "'listen.transparent: false' when only REDIRECT capture is used")
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "the address is not configured on this host (or namespace)"
-    return "check the 'listen' setting"
-
-
-def _check_socket_mark(mark: int) -> None:
-    """Fail at start, not on every connection, when the proxy may not mark its sockets."""
-    if not mark:
-        return
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-    except OSError as exc:
-        raise StartupError(f"cannot set socket_mark {mark:#x} on sockets ({exc.strerror}): ztproxy needs "
-                           "CAP_NET_ADMIN for it, or set 'socket_mark: 0' when the node's rules do not "
-                           "rely on the mark") from None
-    finally:
-        probe.close()
-
-
-def load_revocation(settings: Settings, state: MeshState) -> Callable[[bytes], Optional[str]]:
-    """The revocation check of the ``revocation`` settings (deny list and CRLs, re-read when they change).
-
-    A CRL is trusted only when a CA certificate it names verifies its signature: the roots of the trust
-    bundle, and the intermediates in the certificate chains of this node's identities (workload
-    certificates are signed by an intermediate, so their CRLs are too). A file that cannot be used stops
-    the start."""
-    from ztproxy.identity.pki import IdentityError, node_identity
-    from ztproxy.identity.revocation import RevocationList
-
-    node = node_identity(settings.trust_domain, settings.node_name)
-    chains = [IdentityFiles.under(settings.certs_dir, node.namespace, node.service_account).cert_chain]
-    chains += [IdentityFiles.under(settings.certs_dir, w.namespace, w.service_account).cert_chain
-               for w in state.local_workloads(settings.node_name)]
-    issuers = [settings.trust_bundle] + sorted({path for path in chains if os.path.exists(path)})
-    config = settings.revocation
-    try:
-        revocation = RevocationList(deny_list_path=config.deny_list, crl_paths=list(config.crls),
-                                    crl_issuer_paths=issuers)
-    except IdentityError as exc:
-        raise StartupError(f"revocation: {exc}; fix the file or the 'revocation' settings") from None
-    return revocation.check
+    def authorize(self, conn: ConnContext) -> Decision:
+        decision = self.authorizer.authorize(conn)
+        if not decision.allowed:
+            self.telemetry.opened(conn).closed(Failure(Reason.DENIED, decision.reason))
+        return decision
 
 
 class App:
-    """One ztproxy instance. Built with the authorizer and observer the data plane calls (hooks.py)."""
+    """Everything one node runs: the Proxy (ports 15001/15006/15008), DNS (15053), admin (15000), metrics
+    (15020), readiness (15021) and, with ``ca.addresses``, the certificate renewer."""
 
-    def __init__(self, settings: Settings, authorizer: Optional[Authorizer] = None,
-                 observer: Optional[ConnectionObserver] = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.authorizer: Authorizer = authorizer if authorizer is not None else AllowAll()
-        self.observer: ConnectionObserver = observer if observer is not None else NoObserver()
-        self.h2_limits = H2Limits.from_settings(settings)
-        # Inbound HBONE connections per peer address, TLS handshakes included (max_connections_per_peer).
-        self.peer_connections: Dict[str, int] = {}
-        self.certs = CertStore(settings.certs_dir, settings.trust_bundle)
-        self.pool = HbonePool(self)
-        self.state_watcher: Optional[MeshStateWatcher] = None
-        self.server_sessions: Set[H2Session] = set()
-        self.bound: Dict[str, Tuple[str, int]] = {}
-        self.draining = False
-        self._servers: Dict[str, Listener] = {}
-        self._active: Set[Any] = set()
-        self._tasks: Set[asyncio.Task] = set()
-        self._reload_task: Optional[asyncio.Task] = None
+        self.registry = new_registry()
+        self.traffic = TrafficMetrics(self.registry)
+        self.telemetry = Telemetry(self.traffic, AccessLog(settings.access_log.log_open),
+                                   service_lookup_from(self.mesh_state))
+        # Follows the data plane's current mesh state (Proxy.state): the policies of the state that routed
+        # a connection decide it, also across reloads.
+        self.authorizer = MeshAuthorizer(state_provider=self.mesh_state)
+        self.proxy = Proxy(settings, authorizer=RecordingAuthorizer(self.authorizer, self.telemetry),
+                       observer=self.telemetry)
+        self.dns: Optional[DnsProxy] = None
+        self.dns_bound: List[Tuple[str, int]] = []
+        self.servers: Dict[str, HttpServer] = {}
+        self.renewer: Optional[asyncio.Task] = None
+        # Renewal status of each identity (metrics, admin endpoint); set when ca.addresses is configured.
+        self.renewal: Optional[Any] = None
+        self._register_certificate_metrics()
+        self._stop: Optional[asyncio.Event] = None
+        self._renewer_stop: Optional[asyncio.Event] = None
+        self._started = False
 
-    # -- state ----------------------------------------------------------------------------------------
+    # -- providers -----------------------------------------------------------------------------------
 
-    @property
-    def state(self) -> MeshState:
-        assert self.state_watcher is not None, "App.start() loads the mesh state"
-        return self.state_watcher.current
+    def held_identities(self) -> List[Any]:
+        """The node identity and every identity of this node's workloads: the certificates it holds."""
+        from ztproxy.identity.pki import IdentityError, SpiffeId, node_identity
 
-    def bound_port(self, name: str) -> Optional[int]:
-        address = self.bound.get(name)
-        return address[1] if address else None
+        out = [node_identity(self.settings.trust_domain, self.settings.node_name)]
+        for identity, _, _ in self.local_identities():
+            try:
+                out.append(SpiffeId.parse(identity))
+            except IdentityError as exc:
+                log.error("cannot follow the certificate of %s: %s", identity, exc)
+        return out
 
-    @property
-    def active_connections(self) -> int:
-        return len(self._active)
+    def renewal_status(self) -> Dict[str, Any]:
+        """Per identity: remaining lifetime and the renewer's last result (admin /config_dump)."""
+        from ztproxy.identity.pki import read_identity, summarize
 
-    def spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_event_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+        statuses = dict(self.renewal.status) if self.renewal is not None else {}
+        out: Dict[str, Any] = {}
+        for identity in self.held_identities():
+            installed = read_identity(self.settings.certs_dir, identity)
+            entry: Dict[str, Any] = {"online_renewal": self.renewal is not None}
+            if installed is not None:
+                summary = summarize(installed[1])
+                entry.update(serial=summary.serial, not_after=summary.not_after.isoformat(),
+                             remaining_seconds=int(summary.remaining()),
+                             lifetime_seconds=int(summary.lifetime))
+            else:
+                entry["error"] = "no certificate installed"
+            if identity in statuses:
+                entry.update(statuses[identity].as_dict())
+            out[str(identity)] = entry
+        return out
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("internal error in a connection handler", exc_info=task.exception())
+    def _register_certificate_metrics(self) -> None:
+        try:
+            from ztproxy.identity.metrics import CertificateMetrics
+        except ImportError:  # the identity extras are missing: the proxy still runs, without these metrics
+            log.warning("certificate metrics are off: a package of ztproxy.identity is missing",
+                        exc_info=True)
+            return
+        self.registry.register(CertificateMetrics(self.settings.certs_dir, self.held_identities,
+                                                  lambda: self.renewal))
 
-    def track(self, connection: Any) -> None:
-        """Count a proxied connection (pump or relay) as active until it finishes (for drain)."""
-        self._active.add(connection)
-        previous = connection.on_done
+    def mesh_state(self) -> Any:
+        watcher = self.proxy.state_watcher
+        return watcher.current if watcher is not None else None
 
-        def done(error: Optional[str]) -> None:
-            self._active.discard(connection)
-            if previous is not None:
-                previous(error)
+    def local_identities(self) -> List[Tuple[str, str, str]]:
+        """(identity, namespace, service account) of this node's workloads."""
+        state = self.mesh_state()
+        if state is None:
+            return []
+        seen = {}
+        for workload in state.local_workloads(self.settings.node_name):
+            seen[workload.identity] = (workload.identity, workload.namespace, workload.service_account)
+        return [seen[k] for k in sorted(seen)]
 
-        connection.on_done = done
+    def pending(self) -> List[str]:
+        """What keeps the node from being ready (empty: ready)."""
+        if self.proxy.draining:
+            return ["drain in progress"]
+        waiting = []
+        if self.mesh_state() is None:
+            waiting.append("mesh state")
+        if not self._started:
+            waiting.append("listeners")
+        for identity, _, _ in self.local_identities():
+            try:
+                self.proxy.certs.get(identity)
+            except CertError:
+                waiting.append(f"certificate of {identity}")
+        if self.settings.listen.dns is not None and not self.dns_bound:
+            waiting.append("DNS proxy")
+        return waiting
 
-    # -- lifecycle ------------------------------------------------------------------------------------
+    def certificates(self) -> List[Any]:
+        """Public certificate chains of the local identities and the trust bundle (PEM); never a key."""
+        out: List[Any] = []
+        paths = [IdentityFiles.under(self.settings.certs_dir, ns, sa).cert_chain
+                 for _, ns, sa in self.local_identities()]
+        for path in paths + [self.settings.trust_bundle]:
+            try:
+                with open(path, "rb") as handle:
+                    out.append(handle.read())
+            except OSError as exc:
+                out.append({"file": path, "error": exc.strerror})
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
         settings = self.settings
+        listen = settings.listen
+        self._stop = asyncio.Event()
+        if settings.access_log.format is not None:
+            configure_access_log(settings.access_log.format)
+        for name, address, routes in (("metrics", listen.metrics, metrics_routes(self.registry)),
+                                      ("readiness", listen.readiness, readiness_routes(self.pending))):
+            if address is not None:
+                await self._serve_http(name, address, routes)
         try:
-            self.state_watcher = MeshStateWatcher(settings.mesh_state, settings.trust_domain)
-        except MeshStateError as exc:
-            raise StartupError(str(exc)) from None
-        try:
-            load_trust_bundle(settings.trust_bundle)
-        except CertError as exc:
-            raise StartupError(str(exc)) from None
-        _check_socket_mark(settings.socket_mark)
-        if settings.revocation.enabled:
-            self.certs.revocation = load_revocation(settings, self.state)
-        local = self.state.local_workloads(settings.node_name)
-        if not local:
-            log.warning("the mesh state has no workload on node %r: nothing to proxy until it does",
-                        settings.node_name)
-        for identity in sorted({w.identity for w in local}):
-            try:
-                self.certs.get(identity)
-            except CertError as exc:
-                log.error("workload identity %s has no usable certificate yet: %s", identity, exc)
-        listeners = (
-            ("outbound", settings.listen.outbound, OutboundHandler(self).handle),
-            ("inbound", settings.listen.inbound, HboneListener(self).handle),
-            ("inbound_plaintext", settings.listen.inbound_plaintext, PlaintextInboundHandler(self).handle),
-        )
-        try:
-            for name, address, handler in listeners:
-                if address is None:
-                    continue
-                try:
-                    sock = listening_socket(address, settings.listen.transparent)
-                except OSError as exc:
-                    raise StartupError(f"cannot listen on {address[0]}:{address[1]} (listen.{name}): "
-                                       f"{exc.strerror}; {_listen_hint(exc, settings.listen.transparent)}"
-                                       ) from None
-                self.bound[name] = sock.getsockname()[:2]
-                self._servers[name] = Listener(name, sock, handler, self.spawn)
-        except StartupError:
-            for server in self._servers.values():
-                server.close()
+            await self.proxy.start()
+            if listen.dns is not None:
+                await self._start_dns(listen.dns)
+            if settings.ca.addresses:
+                self._start_renewer()
+        except BaseException:
+            await self.close()
+            if self.proxy.bound:
+                await self.proxy.drain(0)
             raise
-        for server in self._servers.values():
-            server.start()
-        self._reload_task = asyncio.get_event_loop().create_task(self._reload_loop())
-        log.info("ztproxy ready on node %s: %s", settings.node_name,
-                 ", ".join(f"{n} {a[0]}:{a[1]}" for n, a in self.bound.items()))
+        if listen.admin is not None:
+            routes = admin_routes(settings=lambda: settings_to_dict(self.settings),
+                                  mesh_state=self.mesh_state, certificates=self.certificates,
+                                  on_quit=self.request_stop,
+                                  extra={"policies": lambda: sorted(self.authorizer.index.by_key),
+                                         "renewal": self.renewal_status})
+            await self._serve_http("admin", listen.admin, routes)
+        self._started = True
 
-    async def _reload_loop(self) -> None:
-        assert self.state_watcher is not None
-        while True:
-            await asyncio.sleep(self.settings.reload_interval)
-            try:
-                self.state_watcher.poll()
-                self.certs.refresh()
-            except Exception:  # never let a reload bug stop reloading
-                log.exception("reload failed")
+    async def _serve_http(self, name: str, address: Tuple[str, int], routes: Any) -> None:
+        server = HttpServer(name, routes)
+        try:
+            await server.start(*address)
+        except OSError as exc:
+            await self.close()
+            if self.proxy.bound:
+                await self.proxy.drain(0)
+            raise StartupError(f"cannot listen on {address[0]}:{address[1]} ({name}): {exc.strerror}; "
+                               f"free the port or change the 'listen.{name}' setting") from None
+        self.servers[name] = server
 
-    async def drain(self, timeout: Optional[float] = None) -> bool:
-        """Stop accepting, GOAWAY, let connections finish until the deadline, then close the rest.
-
-        Returns True when every connection finished on its own."""
-        timeout = self.settings.drain_timeout if timeout is None else timeout
-        self.draining = True
-        for server in self._servers.values():
-            server.close()
-        sessions = list(self.server_sessions) + list(self.pool.sessions())
-        for session in sessions:
-            session.goaway()
-        log.info("draining: %d connection(s) open, deadline %.1fs", len(self._active), timeout)
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        remaining = len(self._active)
-        if remaining:
-            log.warning("drain deadline reached: closing %d connection(s) still open", remaining)
-        for connection in list(self._active):
-            if hasattr(connection, "on_session_lost"):
-                connection.on_session_lost("proxy shutting down")
+    async def _start_dns(self, address: Tuple[str, int]) -> None:
+        config = self.settings.dns
+        try:
+            if config.upstreams:
+                upstreams, search = list(config.upstreams), ()
             else:
-                connection.close("proxy shutting down", abort=True)
-        for session in list(self.server_sessions) + list(self.pool.sessions()):
-            session.close()
-        if self._reload_task is not None:
-            self._reload_task.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.sleep(0)
-        return remaining == 0
+                conf = read_resolv_conf(config.resolv_conf)
+                upstreams, search = list(conf.nameservers), conf.search
+        except DnsConfigError as exc:
+            raise StartupError(f"DNS proxy: {exc}") from None
+        if config.search_domains is not None:
+            search = config.search_domains
+        if any(port == address[1] and ip in (address[0], "127.0.0.1", "::1") for ip, port in upstreams):
+            raise StartupError(f"DNS proxy: an upstream ({upstreams}) is the proxy's own address {address}; "
+                               "point 'dns.resolv_conf' at the node's original resolv.conf")
+        self.dns = DnsProxy(upstreams, DnsMetrics(self.registry), search_domains=search,
+                            domain=config.domain, state_provider=self.mesh_state,
+                            node=self.settings.node_name)
+        try:
+            self.dns_bound = await self.dns.start([address])
+        except OSError as exc:
+            raise StartupError(f"DNS proxy: cannot listen on {address[0]}:{address[1]}: {exc.strerror}") \
+                from None
+
+    def _start_renewer(self) -> None:
+        """Online renewal (ztproxy.identity.renewer) of the node identity and of every identity the mesh
+        state places on this node; the data plane picks the new files up on its next reload tick."""
+        try:
+            from ztproxy.identity.renewer import Renewer, RenewerSettings, run_renewer
+        except ImportError as exc:
+            raise StartupError(f"online renewal ('ca.addresses') needs a missing Python package: {exc}; "
+                               "install it or remove 'ca.addresses' to renew through Ansible only") from None
+
+        settings = self.settings
+        ca = settings.ca
+        renewer_settings = RenewerSettings(
+            certs_dir=settings.certs_dir, trust_bundle=settings.trust_bundle, ca_addresses=list(ca.addresses),
+            node_name=settings.node_name, trust_domain=settings.trust_domain, cert_ttl=ca.cert_ttl,
+            renew_fraction=ca.renew_fraction, ca_identity=ca.identity, ca_server_name=ca.server_name,
+            token_path=ca.token_file)
+
+        self.renewal = Renewer(renewer_settings)
+        self._renewer_stop = asyncio.Event()
+        self.renewer = asyncio.get_event_loop().create_task(
+            run_renewer(renewer_settings, self.held_identities, self._renewer_stop, renewer=self.renewal))
+        log.info("online certificate renewal from %s",
+                 ", ".join(f"{host}:{port}" for host, port in ca.addresses))
+
+    def request_stop(self) -> None:
+        """Start a graceful stop (what SIGTERM and POST /quitquitquit do)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def close(self) -> None:
+        if self.renewer is not None:
+            assert self._renewer_stop is not None
+            self._renewer_stop.set()
+            try:
+                await asyncio.wait_for(self.renewer, 5)
+            except Exception:  # a renewal in flight is abandoned: the old files stay in place
+                log.warning("certificate renewer did not stop in time", exc_info=True)
+            self.renewer = None
+        if self.dns is not None:
+            await self.dns.close()
+        for server in list(self.servers.values()):
+            await server.close()
+        self.servers.clear()
+
+    async def stop(self, timeout: Optional[float] = None) -> bool:
+        """Drain the data plane (readiness answers 503 from the first moment), then close everything."""
+        clean = await self.proxy.drain(timeout)
+        await self.close()
+        return clean
 
     async def serve(self) -> bool:
-        """Run until SIGTERM/SIGINT, then drain. Returns drain()'s result."""
+        """Run until SIGTERM/SIGINT or /quitquitquit, then drain. Returns True for a clean drain."""
         await self.start()
-        stop = asyncio.Event()
+        assert self._stop is not None
         loop = asyncio.get_event_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("signal received: draining (deadline %.1fs)", self.settings.drain_timeout)
-        return await self.drain()
+            try:
+                loop.add_signal_handler(sig, self._stop.set)
+            except (RuntimeError, ValueError, NotImplementedError):
+                # Not the main thread (an embedding or a test): /quitquitquit and request_stop() remain.
+                log.debug("no handler for %s outside the main thread", sig.name)
+        await self._stop.wait()
+        log.info("stopping: draining (deadline %.1fs)", self.settings.drain_timeout)
+        return await self.stop()
+

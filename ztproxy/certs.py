@@ -19,14 +19,22 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtensionOID
 
+from ztproxy.identity.pki import (
+    CHAIN_FILE,
+    KEY_FILE,
+    IdentityError,
+    SpiffeId,
+    load_certs,
+    not_after,
+    not_before,
+    signed_by,
+    spiffe_uris,
+)
 from ztproxy.state import file_signature
 
 log = logging.getLogger("ztproxy.certs")
@@ -34,8 +42,6 @@ log = logging.getLogger("ztproxy.certs")
 # HBONE as ztunnel: TLS 1.3 with these suites only, ALPN h2.
 ALLOWED_CIPHERS = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384")
 ALPN = "h2"
-CERT_CHAIN_FILE = "cert-chain.pem"
-KEY_FILE = "key.pem"
 
 # Why a peer certificate (DER) must be refused before it expires, or None (RevocationList.check).
 RevocationCheck = Callable[[bytes], Optional[str]]
@@ -45,44 +51,6 @@ class CertError(Exception):
     """A certificate, key or trust bundle that cannot be used; the message says which file and why."""
 
 
-def parse_spiffe(uri: str) -> Optional[Tuple[str, str, str]]:
-    """'spiffe://td/ns/NS/sa/SA' -> (td, NS, SA); anything else -> None."""
-    if not uri.startswith("spiffe://"):
-        return None
-    trust_domain, _, path = uri[len("spiffe://"):].partition("/")
-    parts = path.split("/")
-    if not trust_domain or len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa" or not parts[1] \
-            or not parts[3]:
-        return None
-    return trust_domain, parts[1], parts[3]
-
-
-def uri_sans(cert: x509.Certificate) -> List[str]:
-    try:
-        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-    except x509.ExtensionNotFound:
-        return []
-    return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-def _utc_bounds(cert: x509.Certificate) -> Tuple[datetime.datetime, datetime.datetime]:
-    try:
-        return cert.not_valid_before_utc, cert.not_valid_after_utc
-    except AttributeError:  # cryptography < 42
-        return (cert.not_valid_before.replace(tzinfo=datetime.timezone.utc),
-                cert.not_valid_after.replace(tzinfo=datetime.timezone.utc))
-
-
-def _parse_pem_certs(data: bytes) -> List[x509.Certificate]:
-    if hasattr(x509, "load_pem_x509_certificates"):  # cryptography >= 39
-        return x509.load_pem_x509_certificates(data)
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [block + marker for block in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
-    if not blocks:
-        raise ValueError("no PEM certificate found")
-    return [x509.load_pem_x509_certificate(block) for block in blocks]
-
-
 def load_pem_certs(path: str, what: str) -> List[x509.Certificate]:
     try:
         with open(path, "rb") as handle:
@@ -90,12 +58,9 @@ def load_pem_certs(path: str, what: str) -> List[x509.Certificate]:
     except OSError as exc:
         raise CertError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        certs = _parse_pem_certs(data)
-    except ValueError as exc:
-        raise CertError(f"{what} {path} holds no parseable PEM certificate: {exc}") from None
-    if not certs:
-        raise CertError(f"{what} {path} holds no PEM certificate")
-    return certs
+        return load_certs(data, f"{what} {path}")
+    except IdentityError as exc:
+        raise CertError(str(exc)) from None
 
 
 def load_trust_bundle(path: str) -> List[x509.Certificate]:
@@ -103,34 +68,13 @@ def load_trust_bundle(path: str) -> List[x509.Certificate]:
 
 
 def _check_validity(cert: x509.Certificate, path: str, now: datetime.datetime) -> None:
-    start, end = _utc_bounds(cert)
+    start, end = not_before(cert), not_after(cert)
     if now < start:
         raise CertError(f"certificate {cert.subject.rfc4514_string()!r} in {path} is not valid before "
                         f"{start.isoformat()}")
     if now > end:
         raise CertError(f"certificate {cert.subject.rfc4514_string()!r} in {path} expired at "
                         f"{end.isoformat()}; renew it")
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """``cert`` carries ``issuer``'s name and a valid signature by its key."""
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        if hasattr(cert, "verify_directly_issued_by"):  # cryptography >= 40
-            cert.verify_directly_issued_by(issuer)
-            return True
-        key = issuer.public_key()
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
-        elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
-                       cert.signature_hash_algorithm)
-        else:
-            key.verify(cert.signature, cert.tbs_certificate_bytes)  # Ed25519 / Ed448
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -141,7 +85,7 @@ class IdentityFiles:
     @classmethod
     def under(cls, certs_dir: str, namespace: str, service_account: str) -> IdentityFiles:
         base = os.path.join(certs_dir, namespace, service_account)
-        return cls(os.path.join(base, CERT_CHAIN_FILE), os.path.join(base, KEY_FILE))
+        return cls(os.path.join(base, CHAIN_FILE), os.path.join(base, KEY_FILE))
 
 
 def validate_identity(files: IdentityFiles, bundle_path: str, expected_id: str,
@@ -166,7 +110,7 @@ def validate_identity(files: IdentityFiles, bundle_path: str, expected_id: str,
     if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
             leaf.public_key().public_bytes(serialization.Encoding.DER, pub):
         raise CertError(f"private key {files.key} does not match the certificate in {files.cert_chain}")
-    sans = uri_sans(leaf)
+    sans = spiffe_uris(leaf)
     if expected_id not in sans:
         raise CertError(f"certificate {files.cert_chain} is for {', '.join(sans) or 'no SPIFFE ID'}, "
                         f"expected URI SAN {expected_id}")
@@ -174,17 +118,17 @@ def validate_identity(files: IdentityFiles, bundle_path: str, expected_id: str,
         _check_validity(cert, files.cert_chain, now)
     # Walk the chain: each certificate must be signed by the next, the last by a root of the bundle.
     for child, parent in zip(chain, chain[1:]):
-        if not _issued_by(child, parent):
+        if not signed_by(child, parent):
             raise CertError(f"certificate chain {files.cert_chain} is out of order or broken: "
                             f"{child.subject.rfc4514_string()!r} is not signed by the next certificate")
     top = chain[-1]
-    anchors = [r for r in roots if _issued_by(top, r) or r == top]
+    anchors = [r for r in roots if signed_by(top, r) or r == top]
     if not anchors:
         raise CertError(f"certificate chain {files.cert_chain} does not lead to any root in the trust "
                         f"bundle {bundle_path}")
     for root in anchors:
         _check_validity(root, bundle_path, now)
-    return _utc_bounds(leaf)[1]
+    return not_after(leaf)
 
 
 class HboneContext(ssl.SSLContext):
@@ -247,9 +191,11 @@ def peer_spiffe_ids(ssl_object: ssl.SSLObject) -> List[str]:
 def peer_identity_in_domain(ssl_object: ssl.SSLObject, trust_domain: str) -> Optional[str]:
     """The peer's SPIFFE ID if it belongs to ``trust_domain``, else None."""
     for uri in peer_spiffe_ids(ssl_object):
-        parsed = parse_spiffe(uri)
-        if parsed is not None and parsed[0] == trust_domain:
-            return uri
+        try:
+            if SpiffeId.parse(uri).trust_domain == trust_domain:
+                return uri
+        except IdentityError:
+            continue
     return None
 
 
@@ -277,10 +223,11 @@ class CertStore:
         self._generation = 0
 
     def _files(self, identity: str) -> IdentityFiles:
-        parsed = parse_spiffe(identity)
-        if parsed is None:
-            raise CertError(f"{identity!r} is not a SPIFFE ID spiffe://<td>/ns/<ns>/sa/<sa>")
-        return IdentityFiles.under(self.certs_dir, parsed[1], parsed[2])
+        try:
+            parsed = SpiffeId.parse(identity)
+        except IdentityError as exc:
+            raise CertError(str(exc)) from None
+        return IdentityFiles.under(self.certs_dir, parsed.namespace, parsed.service_account)
 
     def _signature(self, files: IdentityFiles) -> tuple:
         return (file_signature(files.cert_chain), file_signature(files.key),

@@ -1,6 +1,6 @@
 """The ``ztproxy`` command.
 
-``ztproxy run --config FILE`` serves the whole node proxy (ztproxy.wiring.ProxyNode: data plane, policy,
+``ztproxy run --config FILE`` serves the whole node proxy (ztproxy.app.App: data plane, policy,
 telemetry, DNS, admin/metrics/readiness, online renewal); ``ztproxy check --config FILE`` validates the
 settings, the mesh state with its policies, the revocation files and the certificates without starting
 anything. ``ztproxy ca ...`` and ``ztproxy cert ...`` are the identity commands (ztproxy.identity.cli).
@@ -92,7 +92,7 @@ def check(settings: Settings) -> List[str]:
         except ImportError as exc:
             problems.append(f"ca.addresses is set but online renewal cannot run: {exc}")
     if settings.revocation.enabled:
-        from ztproxy.app import StartupError, load_revocation
+        from ztproxy.proxy import StartupError, load_revocation
 
         try:
             load_revocation(settings, state)
@@ -117,13 +117,13 @@ def check(settings: Settings) -> List[str]:
 
 
 def _run(settings: Settings) -> int:
-    from ztproxy.app import StartupError
-    from ztproxy.wiring import ProxyNode
+    from ztproxy.app import App
+    from ztproxy.proxy import StartupError
 
     setup_logging(settings)
     raise_open_files_limit()
     log = logging.getLogger("ztproxy")
-    node = ProxyNode(settings)
+    node = App(settings)
     uvloop = None
     if os.environ.get("ZTPROXY_EVENT_LOOP", "uvloop") == "uvloop":
         try:

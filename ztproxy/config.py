@@ -18,9 +18,18 @@ from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import yaml
 
-from ztproxy.identity.pki import DEFAULT_CA_PORT, DEFAULT_CERT_TTL, DEFAULT_RENEW_FRACTION, MAX_CERT_TTL
+from ztproxy.identity.pki import (
+    DEFAULT_CA_PORT,
+    DEFAULT_CERT_TTL,
+    DEFAULT_RENEW_FRACTION,
+    DEFAULT_TRUST_DOMAIN,
+    MAX_CERT_TTL,
+    IdentityError,
+    SpiffeId,
+    check_trust_domain,
+)
 
-# Ports of ztunnel (docs/ztproxy.md, DESIGN 3.1).
+# The ports ztunnel uses, kept so the node rules of both agree (docs/ztproxy.md, "Ports").
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
 HBONE_PORT = 15008
@@ -29,7 +38,6 @@ ADMIN_PORT = 15000
 METRICS_PORT = 15020
 READINESS_PORT = 15021
 
-DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_MESH_STATE = "/etc/ztproxy/mesh-state.yaml"
 DEFAULT_CERTS_DIR = "/var/lib/ztproxy/certs"
 DEFAULT_TRUST_BUNDLE = "/var/lib/ztproxy/certs/root-cert.pem"
@@ -164,7 +172,7 @@ class Settings:
     listen: ListenSettings = field(default_factory=ListenSettings)
     hbone_port: int = HBONE_PORT
     # Bind the upstream socket to the client's address (IP_TRANSPARENT) so the target sees the real
-    # client, as DESIGN 2.2 describes; needs the node's return-path rules.
+    # client; needs the node's return-path rules (docs/dataplane.md, the proxy namespace's rule sets).
     preserve_source: bool = True
     socket_mark: int = DEFAULT_SOCKET_MARK
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -220,9 +228,11 @@ def _path(key: str, value: Any) -> str:
 
 def _trust_domain(key: str, value: Any) -> str:
     value = _string(key, value)
-    if "/" in value or ":" in value or value != value.strip() or value.lower() != value:
-        raise _fail(key, value, "a SPIFFE trust domain such as 'cluster.local' (lowercase, no '/' or ':')")
-    return value
+    try:
+        return check_trust_domain(value)
+    except IdentityError:
+        raise _fail(key, value, "a SPIFFE trust domain such as 'cluster.local' (lowercase letters, digits, "
+                                "'.', '-' and '_')") from None
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -347,11 +357,10 @@ def _ca_address(key: str, value: Any) -> Address:
 
 def _spiffe_id(key: str, value: Any) -> str:
     expected = "a SPIFFE ID spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-    if not isinstance(value, str):
-        raise _fail(key, value, expected)
-    parts = value[len("spiffe://"):].split("/") if value.startswith("spiffe://") else []
-    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa" or not all(parts[i] for i in (0, 2, 4)):
-        raise _fail(key, value, expected)
+    try:
+        SpiffeId.parse(value)
+    except IdentityError:
+        raise _fail(key, value, expected) from None
     return value
 
 

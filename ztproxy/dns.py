@@ -53,12 +53,12 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from ztproxy.config import DEFAULT_DNS_DOMAIN
 from ztproxy.telemetry import CounterFamily, FamilyCollector, HistogramFamily
 
 log = logging.getLogger("ztproxy.dns")
 
 # The listen address (port 15053) is a setting: ztproxy/config.py, Listeners.dns.
-DEFAULT_DOMAIN = "cluster.local"
 DEFAULT_TTL = 30  # ztunnel's DEFAULT_TTL_SECONDS
 UPSTREAM_TIMEOUT = 2.0  # per upstream attempt
 TCP_IDLE_TIMEOUT = 5.0  # ztunnel's DEFAULT_TCP_REQUEST_TIMEOUT
@@ -176,7 +176,7 @@ class Client:
 
 @dataclass
 class NameTable:
-    domain: str = DEFAULT_DOMAIN
+    domain: str = DEFAULT_DNS_DOMAIN
     hosts: Dict[str, List[HostRecord]] = field(default_factory=dict)
     clients: Dict[str, Client] = field(default_factory=dict)
     # Addresses of this node's own workloads: the only clients answered (besides loopback).
@@ -222,7 +222,7 @@ def _normal_ip(ip: str) -> str:
     return str(address)
 
 
-def build_name_table(state: Any, domain: str = DEFAULT_DOMAIN, node: Optional[str] = None) -> NameTable:
+def build_name_table(state: Any, domain: str = DEFAULT_DNS_DOMAIN, node: Optional[str] = None) -> NameTable:
     """The names of a mesh state (ztproxy.state.MeshState): services, then workloads; ``node``: this
     node's name, whose workloads are the clients served."""
     domain = domain.strip(".").lower()
@@ -394,7 +394,7 @@ class DnsProxy:
         upstreams: Sequence[Tuple[str, int]],
         metrics: DnsMetrics,
         search_domains: Sequence[str] = (),
-        domain: str = DEFAULT_DOMAIN,
+        domain: str = DEFAULT_DNS_DOMAIN,
         state: Any = None,
         timeout: float = UPSTREAM_TIMEOUT,
         ttl: int = DEFAULT_TTL,

@@ -1,17 +1,53 @@
 """The data plane's hooks for authorization and telemetry (contract: docs/hooks-contract.md).
 
 The data plane calls an ``Authorizer`` for every inbound connection and a ``ConnectionObserver`` for
-every proxied connection. Implementations live elsewhere (ztproxy.authz, ztproxy.telemetry); the App is
-constructed with them (ztproxy.wiring.ProxyNode does it for ``ztproxy run``). A denied connection is
-never passed to ``ConnectionObserver.opened`` by the data plane: the authorizer installed by the wiring
-records it, so it is counted once. ``AllowAll`` and ``NoObserver`` are the defaults of an App built
+every proxied connection. Implementations live elsewhere (ztproxy.authz, ztproxy.telemetry); the Proxy
+is constructed with them (ztproxy.app.App does it for ``ztproxy run``). A denied connection is
+never passed to ``ConnectionObserver.opened`` by the data plane: the authorizer installed by the app
+records it, so it is counted once. ``AllowAll`` and ``NoObserver`` are the defaults of a Proxy built
 without policy or telemetry: they are what they say, not an authorization engine.
+
+A connection that fails is closed with a ``Failure``: a ``Reason`` (a value tests and metrics match on,
+mapped to ztunnel's response flag) and a detail for people (the access log's ``error``).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
+
+# ztunnel's ResponseFlags (src/proxy/metrics.rs): AuthorizationPolicyDenied and ConnectionFailure; a
+# connection that ended without error carries "-".
+RESPONSE_FLAG_NONE = "-"
+RESPONSE_FLAG_DENY = "DENY"
+RESPONSE_FLAG_CONNECT = "CONNECT"
+
+
+class Reason(enum.Enum):
+    """Why a proxied connection failed."""
+
+    DENIED = "denied"  # an authorization policy refused it
+    CONNECT_FAILED = "connect_failed"  # the upstream or HBONE connection could not be made
+    HBONE_REFUSED = "hbone_refused"  # the destination answered the CONNECT with another status than 200
+    STREAM_RESET = "stream_reset"  # the peer reset the HTTP/2 stream
+    CONNECTION_LOST = "connection_lost"  # a TCP or HBONE connection ended before both directions had
+    CLIENT_LOST = "client_lost"  # the client went away before its tunnel was up
+    SHUTDOWN = "shutdown"  # the proxy closed it at the end of a drain
+
+    @property
+    def response_flag(self) -> str:
+        """ztunnel's response flag: DENY for a denial, CONNECT for every other failure."""
+        return RESPONSE_FLAG_DENY if self is Reason.DENIED else RESPONSE_FLAG_CONNECT
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: Reason
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return self.detail or self.reason.value
 
 
 @dataclass(frozen=True)
@@ -48,7 +84,7 @@ class ConnTracker(Protocol):
 
     def add_received(self, n: int) -> None: ...
 
-    def closed(self, error: Optional[str]) -> None: ...
+    def closed(self, failure: Optional[Failure] = None) -> None: ...
 
 
 class ConnectionObserver(Protocol):
@@ -69,7 +105,7 @@ class _NoTracker:
     def add_received(self, n: int) -> None:
         pass
 
-    def closed(self, error: Optional[str]) -> None:
+    def closed(self, failure: Optional[Failure] = None) -> None:
         pass
 
 

@@ -4,9 +4,13 @@ This is the YAML file ztunnel reads with ``LOCAL_XDS_PATH`` (``LocalConfig`` in 
 top-level ``workloads`` (ztunnel ``Workload`` fields, camelCase, plus ``services``: a map of
 ``namespace/hostname`` to ``{servicePort: targetPort}``), ``services`` (ztunnel ``Service``) and
 ``policies`` (ztunnel ``Authorization``). As in ztunnel, unknown keys are errors, so a typo is reported
-rather than silently ignored. The policies are validated here with the authorizer's own parser
-(ztproxy.authz), so one bad policy makes the whole file invalid: ``ztproxy check`` names it, and a reload
-carrying it is rejected as a whole (workloads, services and policies always change together).
+rather than silently ignored. This is the only parser of the file: the proxy and the signing service
+(ztproxy.identity.meshstate, which derives from it which identities run on which node) read it alike,
+so they can never disagree about the same file. A workload's identity must be a valid SPIFFE ID
+(ztproxy.identity.pki.SpiffeId, the one home of SPIFFE IDs). The policies are validated here with the
+authorizer's own parser (ztproxy.authz), so one bad policy makes the whole file invalid: ``ztproxy
+check`` names it, and a reload carrying it is rejected as a whole (workloads, services and policies
+always change together).
 
 ztproxy reloads the file when it changes (MeshStateWatcher); a file that does not parse is rejected
 with a logged error and the previous state stays in force. So is an empty file, and a file the renderer
@@ -25,6 +29,7 @@ import yaml
 
 from ztproxy import meshseal
 from ztproxy.authz import PolicyError, PolicyIndex
+from ztproxy.identity.pki import IdentityError, SpiffeId
 
 log = logging.getLogger("ztproxy.state")
 
@@ -51,14 +56,12 @@ _SERVICE_KEYS = {
 }
 _ENDPOINT_KEYS = {"workloadUid", "port", "status"}
 _TOP_KEYS = {"workloads", "services", "policies"}
+# ztunnel's default for a workload that names no service account.
+DEFAULT_SERVICE_ACCOUNT = "default"
 
 
 class MeshStateError(Exception):
     """The mesh state file is not valid; the message names the entry and the key."""
-
-
-def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,12 @@ class Workload:
     services: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
     @property
+    def spiffe_id(self) -> SpiffeId:
+        return SpiffeId(self.trust_domain, self.namespace, self.service_account)
+
+    @property
     def identity(self) -> str:
-        return spiffe_id(self.trust_domain, self.namespace, self.service_account)
+        return str(self.spiffe_id)
 
     @property
     def uses_hbone(self) -> bool:
@@ -267,12 +274,19 @@ def _parse_workload(index: int, data: Any, default_trust_domain: str, warnings: 
     if not isinstance(policies, list) or not all(isinstance(p, str) for p in policies):
         raise ctx.fail("authorizationPolicies", policies, "a list of policy names ('namespace/name')")
     uid = _str(ctx, data, "uid", "") or f"{namespace}/{name or (ips[0] if ips else index)}"
+    service_account = _str(ctx, data, "serviceAccount", "") or DEFAULT_SERVICE_ACCOUNT
+    trust_domain = _str(ctx, data, "trustDomain", "") or default_trust_domain
+    try:
+        SpiffeId.of(trust_domain, namespace, service_account)
+    except IdentityError as exc:
+        raise MeshStateError(f"{ctx.where}: its identity (trustDomain, namespace, serviceAccount): {exc}") \
+            from None
     return Workload(
         uid=uid,
         name=name,
         namespace=namespace,
-        service_account=_str(ctx, data, "serviceAccount", "") or "default",
-        trust_domain=_str(ctx, data, "trustDomain", "") or default_trust_domain,
+        service_account=service_account,
+        trust_domain=trust_domain,
         workload_ips=ips,
         protocol=_enum(ctx, data, "protocol", PROTOCOLS, "TCP"),
         node=_str(ctx, data, "node", ""),
@@ -388,6 +402,8 @@ def load_mesh_state(path: str, default_trust_domain: str) -> MeshState:
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
+    except FileNotFoundError:
+        raise MeshStateError(f"mesh state file {path} does not exist") from None
     except OSError as exc:
         raise MeshStateError(f"cannot read mesh state file {path}: {exc.strerror}") from None
     return parse_mesh_state_bytes(raw, default_trust_domain, f"mesh state file {path}")

@@ -2,12 +2,12 @@
 
 ``Telemetry`` is the data plane's ConnectionObserver (ztproxy.hooks): ``opened(ctx)`` counts the
 connection and returns a tracker; the data plane calls ``add_sent``/``add_received`` as bytes flow
-(the byte counters move while a long connection is still open, as ztunnel's do) and ``closed(error)``
+(the byte counters move while a long connection is still open, as ztunnel's do) and ``closed(failure)``
 once at the end, which counts the close (and the failure), and writes the access-log line.
 
 Metric names, labels and the "unknown" default are ztunnel's (``src/proxy/metrics.rs``;
 ``istio_tcp_connections_failed_total`` from ztunnel PR #1695). Byte directions follow Istio's
-definitions for both reporters, as the data plane's trackers report them (ztproxy.pump):
+definitions for both reporters, as the data plane's trackers report them (ztproxy.proxy.copy):
 ``add_received(n)`` is the request direction, bytes received from the connection's client
 (``istio_tcp_received_bytes_total``); ``add_sent(n)`` the response direction, bytes sent back to the
 client (``istio_tcp_sent_bytes_total``). So for ``reporter="source"`` the received counter holds what
@@ -16,11 +16,12 @@ the source workload sent: Istio keeps request/response semantics for both report
 the reporting workload's side instead: on the destination side ``bytes_recv`` is the request and
 ``bytes_sent`` the response; on the source side the two are swapped (the source sent the request).
 
-A connection that ends with an error is counted in ``istio_tcp_connections_failed_total`` too. Its close
-carries ztunnel's ``response_flags``: ``DENY`` for an authorization denial (``closed(reason, "DENY")``),
-``CONNECT`` for any other error (as ztunnel infers for an error without a flag), ``-`` for a connection
-that ended without error; the open is always counted with ``-``, as ztunnel labels it before the outcome
-is known.
+A connection that ends with a failure (``closed(Failure(reason, detail))``, ztproxy.hooks) is counted
+in ``istio_tcp_connections_failed_total`` too. Its close carries ztunnel's ``response_flags``, which the
+failure's ``Reason`` maps to: ``DENY`` for an authorization denial, ``CONNECT`` for any other failure (as
+ztunnel infers for an error without a flag), ``-`` for a connection that ended without error; the open
+is always counted with ``-``, as ztunnel labels it before the outcome is known. The access log line of a
+failure names the reason (``reason``) and the detail (``error``).
 
 The families are a small custom collector rather than ``prometheus_client.Counter``: that class adds a
 ``*_created`` series to every counter, which ztunnel does not expose, and resolving a labelled child on
@@ -45,7 +46,7 @@ from prometheus_client.metrics_core import (
 )
 
 from ztproxy import __version__
-from ztproxy.hooks import ConnContext
+from ztproxy.hooks import RESPONSE_FLAG_NONE, ConnContext, Failure
 
 UNKNOWN = "unknown"
 BUILD_COMPONENT = "ztproxy"
@@ -78,10 +79,6 @@ TRAFFIC_LABELS = (
 )
 
 _RESPONSE_FLAGS_INDEX = TRAFFIC_LABELS.index("response_flags")
-RESPONSE_FLAG_DENY = "DENY"  # ztunnel's ResponseFlags::AuthorizationPolicyDenied
-# ztunnel's ResponseFlags::ConnectionFailure: the flag of any other failed connection (ztunnel infers
-# it for every error that carries no flag of its own).
-RESPONSE_FLAG_CONNECT = "CONNECT"
 
 ACCESS_LOGGER = "ztproxy.access"
 ACCESS_LOG_FORMATS = ("text", "json")
@@ -300,7 +297,7 @@ def traffic_labels(ctx: ConnContext, service_lookup: Optional[ServiceLookup] = N
         _or_unknown(service_name),
         *_workload_labels(ctx.dst_workload, dst_principal),
         "tcp",
-        "-",  # ztunnel's only response flag
+        RESPONSE_FLAG_NONE,  # at the open; the close may carry the failure's flag
         # ztunnel's SecurityPolicy has two values: mutual_tls and unknown (plaintext).
         "mutual_tls" if ctx.security_policy == "mutual_tls" else UNKNOWN,
     )
@@ -409,13 +406,13 @@ class ConnectionTracker:
             self.bytes_sent += n
             self._response_cell.value += n
 
-    def closed(self, error: Optional[str] = None, response_flags: Optional[str] = None) -> None:
-        """The connection ended; ``error`` says why when it failed or was denied, ``response_flags``
-        (ztunnel's, e.g. ``DENY``) labels the close. Later calls are ignored."""
+    def closed(self, failure: Optional[Failure] = None) -> None:
+        """The connection ended; ``failure`` says why when it failed or was denied (its reason gives
+        the close ztunnel's response flag, e.g. ``DENY``). Later calls are ignored."""
         if self._closed:
             return
         self._closed = True
-        self._telemetry._finish(self, error, response_flags)
+        self._telemetry._finish(self, failure)
 
 
 class Telemetry:
@@ -445,21 +442,20 @@ class Telemetry:
             self.access_log.write("connection opened", self._fields(tracker, None, with_totals=False))
         return tracker
 
-    def _finish(self, tracker: ConnectionTracker, error: Optional[str],
-                response_flags: Optional[str]) -> None:
+    def _finish(self, tracker: ConnectionTracker, failure: Optional[Failure]) -> None:
         labels = tracker.labels
-        if error and not response_flags:
-            response_flags = RESPONSE_FLAG_CONNECT
-        if response_flags:
-            labels = labels[:_RESPONSE_FLAGS_INDEX] + (response_flags,) + labels[_RESPONSE_FLAGS_INDEX + 1:]
+        if failure is not None:
+            flag = failure.reason.response_flag
+            labels = labels[:_RESPONSE_FLAGS_INDEX] + (flag,) + labels[_RESPONSE_FLAGS_INDEX + 1:]
         self.metrics.closed.inc(labels)
-        if error:
+        if failure is not None:
             self.metrics.failed.inc(labels)
-        event = "connection failed" if error else "connection complete"
-        level = logging.WARNING if error else logging.INFO
-        self.access_log.write(event, self._fields(tracker, error, with_totals=True), level)
+        event = "connection failed" if failure is not None else "connection complete"
+        level = logging.WARNING if failure is not None else logging.INFO
+        self.access_log.write(event, self._fields(tracker, failure, with_totals=True), level)
 
-    def _fields(self, tracker: ConnectionTracker, error: Optional[str], with_totals: bool) -> Dict[str, Any]:
+    def _fields(self, tracker: ConnectionTracker, failure: Optional[Failure],
+                with_totals: bool) -> Dict[str, Any]:
         ctx = tracker.ctx
         fields: Dict[str, Any] = {
             "src.addr": _addr(ctx.src_ip, ctx.src_port),
@@ -480,7 +476,8 @@ class Telemetry:
             fields["bytes_recv"] = tracker.bytes_sent if source_side else tracker.bytes_received
             fields["bytes_sent"] = tracker.bytes_received if source_side else tracker.bytes_sent
             fields["duration_ms"] = round((self.clock() - tracker.started) * 1000.0, 3)
-            fields["error"] = error or None
+            fields["reason"] = failure.reason.value if failure is not None else None
+            fields["error"] = str(failure) if failure is not None else None
         return fields
 
 

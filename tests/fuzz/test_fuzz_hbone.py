@@ -20,7 +20,7 @@ from conftest import EXAMPLES, rss_bytes
 from fuzzlib import PREFACE, frame, frames
 from hypothesis import given
 from hypothesis import strategies as st
-from zp_harness import AppThread, EchoServer, H2TunnelClient, MeshFiles, client_tls_context, workload
+from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
 SERVER_IP, CLIENT_IP = "127.0.0.3", "127.0.0.2"
 PING = b"ztfuzz!!"
@@ -34,7 +34,7 @@ class Target:
         self.files.write_state([workload("server", SERVER_IP, "node-a"),
                                 workload("client", CLIENT_IP, "node-b")])
         self.echo = EchoServer(SERVER_IP)
-        self.app = AppThread(self.files.settings(log_level="warning")).__enter__()
+        self.app = ProxyThread(self.files.settings(log_level="warning")).__enter__()
         self.ctx = client_tls_context(self.files.issue("default", "client"), self.files.bundle, tmp)
         self.address = (SERVER_IP, self.app.port("inbound"))
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from ztproxy import meshseal
 from ztproxy.config import ConfigError, settings_from_dict
-from ztproxy.identity.meshstate import MeshStateError as PlacementError
 from ztproxy.identity.meshstate import parse_placements
 from ztproxy.state import (
     _ENDPOINT_KEYS,
@@ -56,7 +55,7 @@ def _parse_state(raw: bytes) -> None:
         assert str(exc)
     try:
         parse_placements(raw.decode("utf-8", "replace"), "cluster.local")
-    except PlacementError as exc:
+    except MeshStateError as exc:
         assert str(exc)
 
 

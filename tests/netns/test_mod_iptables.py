@@ -1,8 +1,8 @@
 """ztmesh_iptables against real iptables (legacy and nft) in throwaway namespaces.
 
-The rule sets are DESIGN section 2.1 (node mangle and nat chains: MARK, CONNMARK, set match, comment,
-owner) and 2.2 (proxy-namespace TPROXY capture). Foreign chains and rules, including a foreign rule at
-the top of PREROUTING, must come out byte-for-byte identical.
+The rule sets are the node's of docs/dataplane.md, "Rule sets" (node mangle and nat chains: MARK,
+CONNMARK, set match, comment, owner; the proxy namespace's TPROXY capture). Foreign chains and rules,
+including a foreign rule at the top of PREROUTING, must come out byte-for-byte identical.
 """
 
 from __future__ import annotations

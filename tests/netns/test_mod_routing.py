@@ -30,7 +30,7 @@ ROUTES = [
 
 
 def node(sh, ns: str) -> None:
-    """The node-side links of DESIGN 2.1 (veth to the proxy, a stand-in for istioout)."""
+    """The node-side links of docs/dataplane.md, "Objects" (veth to the proxy, a stand-in for istioout)."""
     for cmd in (
         "ip link add ztproxy0 type veth peer name zp-peer",
         "ip link add istioout type veth peer name io-peer",

@@ -1,4 +1,4 @@
-"""End to end through the real data plane: ProxyNode (App + authorization + telemetry + admin/metrics/
+"""End to end through the real data plane: App (Proxy + authorization + telemetry + admin/metrics/
 readiness) on loopback, an independent HBONE client (h2 + ssl with real SPIFFE certificates) and a plain
 TCP client. A denied HBONE stream gets 401, a denied plaintext connection is closed; allowed traffic
 flows; policies follow a mesh-state reload; metrics, access log and admin endpoints tell the story.
@@ -22,10 +22,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from zp_harness import EchoServer, H2TunnelClient, MeshFiles, client_tls_context, workload
 
-from ztproxy.app import StartupError
+from ztproxy.app import App
 from ztproxy.config import settings_from_dict
+from ztproxy.proxy import StartupError
 from ztproxy.telemetry import ACCESS_LOGGER
-from ztproxy.wiring import ProxyNode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +39,7 @@ DRY_DENY_ALL = {"name": "audit-all", "namespace": "backend", "scope": "Namespace
 
 
 class NodeThread:
-    def __init__(self, node: ProxyNode) -> None:
+    def __init__(self, node: App) -> None:
         self.node = node
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -55,7 +55,7 @@ class NodeThread:
     def port(self, name: str) -> int:
         if name in self.node.servers:
             return self.node.servers[name].port
-        return self.node.app.bound[name][1]
+        return self.node.proxy.bound[name][1]
 
     def close(self) -> None:
         if not self.served.done():
@@ -76,7 +76,7 @@ def mesh(tmp_path) -> Iterator[Tuple[MeshFiles, NodeThread, EchoServer]]:
     settings = settings_from_dict(files.settings(
         listen={"outbound": None, "inbound": "127.0.0.1:0", "inbound_plaintext": "127.0.0.1:0",
                 "transparent": False, **SERVICES}, log_level="info"))
-    node = NodeThread(ProxyNode(settings))
+    node = NodeThread(App(settings))
     yield files, node, echo
     node.close()
     echo.close()
@@ -215,7 +215,7 @@ def test_readiness_waits_for_certificates(tmp_path):
     settings = settings_from_dict(files.settings(
         listen={"outbound": None, "inbound": "127.0.0.1:0", "inbound_plaintext": None, "transparent": False,
                 **SERVICES}))
-    node = NodeThread(ProxyNode(settings))
+    node = NodeThread(App(settings))
     try:
         status, body = http(node.port("readiness"), "/healthz/ready")
         assert status == 503 and "certificate of spiffe://cluster.local/ns/backend/sa/api" in body
@@ -237,8 +237,8 @@ def test_a_port_in_use_stops_startup_cleanly(tmp_path):
             listen={"outbound": None, "inbound": "127.0.0.1:0", "inbound_plaintext": None,
                     "transparent": False, "admin": f"127.0.0.1:{port}", "metrics": "127.0.0.1:0",
                     "readiness": None, "dns": None}))
-        node = ProxyNode(settings)
+        node = App(settings)
         expected = f"cannot listen on 127.0.0.1:{port} \\(admin\\).*'listen.admin' setting"
         with pytest.raises(StartupError, match=expected):
             asyncio.run(node.start())
-    assert node.servers == {} and node.app.draining  # metrics closed again, data plane listeners closed
+    assert node.servers == {} and node.proxy.draining  # metrics closed again, data plane listeners closed

@@ -13,7 +13,7 @@ if str(REPO / "module_utils") not in ansible.module_utils.__path__:
 
 from ansible.module_utils import ztmesh_routing as rt  # noqa: E402
 
-DESIGN_RULES = [
+NODE_RULES = [
     {"priority": 100, "fwmark": "0x200", "fwmask": "0x200", "goto": 32766},
     {"priority": 101, "fwmark": "0x100", "fwmask": "0x100", "table": 101},
     {"priority": 102, "fwmark": 0x40, "fwmask": 0x40, "table": "102"},
@@ -27,8 +27,8 @@ def spec(**kw) -> rt.RoutingSpec:
     return rt.spec_from_params(params)
 
 
-def test_design_rules_parse_and_print_like_ip_rule() -> None:
-    s = spec(rules=DESIGN_RULES)
+def test_node_rules_parse_and_print_like_ip_rule() -> None:
+    s = spec(rules=NODE_RULES)
     assert [r.text() for r in s.rules] == [
         "100: from all fwmark 0x200/0x200 goto 32766",
         "101: from all fwmark 0x100/0x100 lookup 101",
@@ -148,12 +148,12 @@ def _rule_msg(priority, table, action=1, **attrs):
 
 def test_rule_from_msg_matches_desired_rule_exactly() -> None:
     msg = _rule_msg(100, 0, action=2, FRA_FWMARK=0x200, FRA_FWMASK=0x200, FRA_GOTO=32766)
-    assert rt.rule_from_msg(msg) == spec(rules=DESIGN_RULES[:1]).rules[0]
+    assert rt.rule_from_msg(msg) == spec(rules=NODE_RULES[:1]).rules[0]
     local = rt.rule_from_msg(_rule_msg(0, 255))
     assert rt.is_local_rule(local) and local.priority == 0
     # An attribute ztmesh does not manage makes the rule differ from every desired rule.
     odd = rt.rule_from_msg(_rule_msg(103, 100, FRA_UID_RANGE={"start": 0, "end": 10}))
-    assert odd != spec(rules=DESIGN_RULES[3:]).rules[0]
+    assert odd != spec(rules=NODE_RULES[3:]).rules[0]
 
 
 def test_route_from_msg() -> None:
@@ -182,7 +182,7 @@ def _kernel_default_rules():
 
 
 def test_local_rule_is_added_at_its_new_priority_before_priority_0_is_deleted() -> None:
-    s = spec(rules=DESIGN_RULES, rule_priorities=[100, 199], local_rule_priority=200)
+    s = spec(rules=NODE_RULES, rule_priorities=[100, 199], local_rule_priority=200)
     plan = rt.plan_routing(s, _kernel_default_rules(), [], present=True)
     texts = [step.text() for step in plan.steps]
     assert texts[:2] == ["rule-add 200: from all lookup local", "rule-del 0: from all lookup local"]
@@ -197,7 +197,7 @@ def test_local_rule_is_added_at_its_new_priority_before_priority_0_is_deleted() 
 
 
 def test_plan_sweeps_foreign_rules_in_the_owned_range_only() -> None:
-    s = spec(rules=DESIGN_RULES)
+    s = spec(rules=NODE_RULES)
     current = (
         _kernel_default_rules() + s.rules + [rt.Rule(priority=102, table=7), rt.Rule(priority=500, table=9)]
     )

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ztproxy import __version__
 from ztproxy.admin import HttpServer, metrics_routes
-from ztproxy.hooks import ConnContext
+from ztproxy.hooks import ConnContext, Failure, Reason
 from ztproxy.state import parse_mesh_state
 from ztproxy.telemetry import (
     ACCESS_LOGGER,
@@ -238,12 +238,13 @@ def test_failed_and_plaintext_connections(env, caplog):
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
     denied = telemetry.opened(context(9090, src_identity=None, security_policy="none", protocol="TCP",
                                       dst_service=None, src_workload=None))
-    denied.closed("denied: no ALLOW policy matches (applicable: back/allow-front)")
-    denied.closed("again")  # a second close is ignored
+    denied.closed(Failure(Reason.DENIED, "denied: no ALLOW policy matches (applicable: back/allow-front)"))
+    denied.closed(Failure(Reason.CONNECTION_LOST, "again"))  # a second close is ignored
     (family,) = [f for f in text_string_to_metric_families(scrape(metrics_port)[1])
                  if f.name == "istio_tcp_connections_failed"]
     (sample,) = family.samples
     assert sample.value == 1
+    assert sample.labels["response_flags"] == "DENY"
     assert sample.labels["connection_security_policy"] == "unknown"  # ztunnel's value for plaintext
     assert sample.labels["source_principal"] == "unknown"
     assert sample.labels["source_workload"] == "unknown"
@@ -252,6 +253,7 @@ def test_failed_and_plaintext_connections(env, caplog):
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith("connection failed ")
     assert 'error="denied: no ALLOW policy matches (applicable: back/allow-front)"' in record.getMessage()
+    assert 'reason="denied"' in record.getMessage()
     assert "src.identity" not in record.getMessage()  # absent values are left out, not "None"
 
 
@@ -294,7 +296,7 @@ def test_json_access_log_and_open_lines():
     assert complete["message"] == "connection complete" and complete["scope"] == "access"
     assert complete["bytes_recv"] == 10 and complete["bytes_sent"] == 20
     assert complete["src.identity"] == CLIENT.identity and complete["dst.workload"] == "server-1"
-    assert complete["error"] is None and complete["level"] == "info"
+    assert complete["error"] is None and complete["reason"] is None and complete["level"] == "info"
     assert complete["time"].endswith("Z")
 
 

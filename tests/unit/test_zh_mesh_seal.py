@@ -19,10 +19,9 @@ from typing import Any, Dict
 
 import pytest
 import yaml
-from zp_harness import AppThread, EchoServer, H2TunnelClient, MeshFiles, client_tls_context, workload
+from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
 from ztproxy import meshseal
-from ztproxy.identity.meshstate import MeshStateError as PlacementError
 from ztproxy.identity.meshstate import parse_placements
 from ztproxy.state import MeshStateError, load_mesh_state, parse_mesh_state_bytes
 
@@ -79,7 +78,7 @@ def test_every_prefix_of_a_sealed_file_is_refused_by_both_readers() -> None:
             continue
         with pytest.raises(MeshStateError, match="refused|empty"):
             parse_mesh_state_bytes(prefix, "cluster.local")
-        with pytest.raises(PlacementError):
+        with pytest.raises(MeshStateError):
             parse_placements(prefix.decode(), "cluster.local")
         try:
             if yaml.safe_load(prefix.decode()) is not None:
@@ -107,7 +106,7 @@ def test_hand_written_files_stay_accepted_but_an_empty_one_never() -> None:
     for empty in (b"", b"\n", b"# nothing\n", b"---\n"):
         with pytest.raises(MeshStateError, match="empty"):
             parse_mesh_state_bytes(empty, "cluster.local")
-        with pytest.raises(PlacementError, match="empty"):
+        with pytest.raises(MeshStateError, match="empty"):
             parse_placements(empty.decode(), "cluster.local")
     # The helper the tests and tools use writes the format the renderer writes.
     sealed = meshseal.seal(hand.decode())
@@ -181,7 +180,7 @@ def test_a_running_proxy_keeps_its_last_good_state(tmp_path: Path, caplog) -> No
     echo = EchoServer(SERVER_IP)
     statuses = []
     try:
-        with AppThread(files.settings(reload_interval=0.1)) as app:
+        with ProxyThread(files.settings(reload_interval=0.1)) as app:
             for attack in (b"", cut):
                 _write(files.state_path, attack)
                 time.sleep(0.6)  # several reload intervals
@@ -198,7 +197,7 @@ def test_a_running_proxy_keeps_its_last_good_state(tmp_path: Path, caplog) -> No
                     client.wait(lambda sid=sid, client=client: client.ended.get(sid))
                     assert bytes(client.data[sid]) == b"still in the mesh"
                 client.close()
-            assert len(app.app.state.workloads) == 2
+            assert len(app.proxy.state.workloads) == 2
     finally:
         echo.close()
     assert statuses == [200, 200], statuses

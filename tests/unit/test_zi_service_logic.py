@@ -13,9 +13,10 @@ from google.protobuf import struct_pb2
 
 from ztproxy.identity import grpcwire, pki
 from ztproxy.identity.grpcwire import GrpcError
-from ztproxy.identity.meshstate import MeshState, MeshStateError, parse_placements
+from ztproxy.identity.meshstate import MeshState, parse_placements
 from ztproxy.identity.renewer import backoff_delay
 from ztproxy.identity.signer import SignerSettings, SigningService
+from ztproxy.state import MeshStateError
 
 MESH = """
 workloads:
@@ -29,6 +30,7 @@ workloads:
     serviceAccount: db
     node: node2
   - name: default-sa
+    namespace: default
     node: node2
   - name: pod-in-kubernetes
     namespace: shop
@@ -79,6 +81,14 @@ def test_placements_follow_ztunnel_defaults() -> None:
         parse_placements("workloads: [{name: x, node: n, namespace: 'a b'}]")
     with pytest.raises(MeshStateError, match="must be a list"):
         parse_placements("workloads: {a: 1}")
+    # One parser for the signing service and the proxy, as strict for both: an unknown key, a missing
+    # namespace or an invalid policy refuse the file in the signing service too.
+    with pytest.raises(MeshStateError, match="unknown key"):
+        parse_placements("workloads: [{name: x, node: n, namespace: a, serviceAcount: b}]")
+    with pytest.raises(MeshStateError, match="namespace' is required"):
+        parse_placements("workloads: [{name: x, node: n}]")
+    with pytest.raises(MeshStateError, match="policies"):
+        parse_placements("workloads: []\npolicies: [{name: p, namespace: a, action: Audit}]")
 
 
 def test_mesh_state_reload_keeps_last_good(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import pytest
 from pki import CA, now
 from zp_harness import MeshFiles
 
-from ztproxy.certs import CertError, CertStore, IdentityFiles, parse_spiffe, validate_identity
+from ztproxy.certs import CertError, CertStore, IdentityFiles, validate_identity
+from ztproxy.identity.pki import IdentityError, SpiffeId
 
 ID = "spiffe://cluster.local/ns/default/sa/web"
 
@@ -25,10 +26,15 @@ def _validate(files: MeshFiles) -> datetime.datetime:
 
 
 def test_parse_spiffe() -> None:
-    assert parse_spiffe(ID) == ("cluster.local", "default", "web")
+    # The proxy parses SPIFFE IDs with the identity module's SpiffeId, the one parser of them.
+    assert SpiffeId.parse(ID) == SpiffeId("cluster.local", "default", "web")
     for bad in ("spiffe://cluster.local/ns/default", "https://x/ns/a/sa/b", "spiffe:///ns/a/sa/b",
                 "spiffe://td/ns//sa/b", "spiffe://td/sa/b/ns/a"):
-        assert parse_spiffe(bad) is None
+        with pytest.raises(IdentityError):
+            SpiffeId.parse(bad)
+    store = CertStore("/nonexistent", "/nonexistent")
+    with pytest.raises(CertError, match="not a SPIFFE ID"):
+        store.get("https://x/ns/a/sa/b")
 
 
 def test_valid_chain_with_intermediate(files: MeshFiles) -> None:
@@ -50,7 +56,7 @@ def test_several_roots_in_the_bundle(files: MeshFiles, tmp_path) -> None:
     ("wrong_trust_domain", "spiffe://example.org/ns/default/sa/web"),
     ("key_mismatch", "does not match the certificate"),
     ("foreign_root", "does not lead to any root in the trust bundle"),
-    ("garbage", "holds no parseable PEM certificate"),
+    ("garbage", "cannot be parsed"),
     ("missing", "cannot read certificate chain"),
     ("no_san", "no SPIFFE ID"),
 ])

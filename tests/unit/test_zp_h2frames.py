@@ -1,4 +1,4 @@
-"""ztproxy.h2frames against stock h2: the zero-copy framing must put the same frames on the wire and
+"""ztproxy.proxy.h2.frames against stock h2: the zero-copy framing must put the same frames on the wire and
 read whatever a stock h2 peer writes, however the bytes are cut into reads."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import h2.events
 import h2.exceptions
 import pytest
 
-from ztproxy import h2frames
-from ztproxy.h2frames import FrameReader, ZeroCopyH2Connection
+from ztproxy.proxy.h2 import frames as h2frames
+from ztproxy.proxy.h2.frames import FrameReader, ZeroCopyH2Connection
 
 BIG = 1 << 20
 

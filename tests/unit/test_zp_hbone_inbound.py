@@ -20,9 +20,9 @@ import h2.config
 import h2.connection
 import pytest
 from pki import CA, now
-from zp_harness import AppThread, EchoServer, H2TunnelClient, MeshFiles, client_tls_context, workload
+from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
-from ztproxy.hooks import ConnContext, Decision
+from ztproxy.hooks import ConnContext, Decision, Failure, Reason
 
 pytestmark = pytest.mark.timeout(60)
 SERVER_IP, CLIENT_IP = "127.0.0.3", "127.0.0.2"
@@ -42,6 +42,29 @@ class DenyIdentity:
         return Decision(True, "")
 
 
+class RecordingObserver:
+    """A test ConnectionObserver: keeps how each connection ended (None or a typed Failure)."""
+
+    def __init__(self) -> None:
+        self.closes = []
+
+    def opened(self, conn: ConnContext) -> RecordingObserver._Tracker:
+        return RecordingObserver._Tracker(self.closes)
+
+    class _Tracker:
+        def __init__(self, closes) -> None:
+            self.closes = closes
+
+        def add_sent(self, n: int) -> None:
+            pass
+
+        def add_received(self, n: int) -> None:
+            pass
+
+        def closed(self, failure=None) -> None:
+            self.closes.append(failure)
+
+
 @pytest.fixture
 def files(tmp_path) -> MeshFiles:
     files = MeshFiles(tmp_path / "mesh")
@@ -57,7 +80,7 @@ def echo() -> EchoServer:
     server.close()
 
 
-def _client(files: MeshFiles, app: AppThread, tmp_path: Path, leaf=None, **kw) -> H2TunnelClient:
+def _client(files: MeshFiles, app: ProxyThread, tmp_path: Path, leaf=None, **kw) -> H2TunnelClient:
     leaf = leaf if leaf is not None else files.issue("default", "client")
     ctx = client_tls_context(leaf, files.bundle, tmp_path, **kw)
     return H2TunnelClient((SERVER_IP, app.port("inbound")), ctx)
@@ -65,7 +88,7 @@ def _client(files: MeshFiles, app: AppThread, tmp_path: Path, leaf=None, **kw) -
 
 def test_connect_stream_exchanges_data_with_a_real_server(files, echo, tmp_path) -> None:
     authz = DenyIdentity("spiffe://cluster.local/ns/default/sa/nobody")
-    with AppThread(files.settings(), authorizer=authz) as app:
+    with ProxyThread(files.settings(), authorizer=authz) as app:
         client = _client(files, app, tmp_path)
         assert client.peer_identity() == ["spiffe://cluster.local/ns/default/sa/server"]
         assert client.sock.version() == "TLSv1.3"
@@ -96,7 +119,7 @@ def test_connect_stream_exchanges_data_with_a_real_server(files, echo, tmp_path)
 def test_half_close_travels_both_ways(files, tmp_path) -> None:
     server = EchoServer(SERVER_IP, after_eof=True)  # answers only after it saw our EOF
     try:
-        with AppThread(files.settings()) as app:
+        with ProxyThread(files.settings()) as app:
             client = _client(files, app, tmp_path)
             sid = client.connect(f"{SERVER_IP}:{server.address[1]}")
             assert client.wait_status(sid) == 200
@@ -115,17 +138,27 @@ def test_status_codes(files, echo, tmp_path) -> None:
     closed_port.bind((SERVER_IP, 0))
     port = closed_port.getsockname()[1]
     closed_port.close()
-    with AppThread(files.settings(), authorizer=DenyIdentity(denied)) as app:
+    observer = RecordingObserver()
+    with ProxyThread(files.settings(), authorizer=DenyIdentity(denied), observer=observer) as app:
         client = _client(files, app, tmp_path)
         assert client.wait_status(client.connect(f"{SERVER_IP}:{echo.address[1]}")) == 401
+        assert observer.closes == []  # a denial is recorded by the authorizer, never opened here
         other = _client(files, app, tmp_path, leaf=files.issue("default", "friend"))
         assert other.wait_status(other.connect(f"{SERVER_IP}:{port}")) == 503
+        # The failure is a value: its reason, not its text, says the upstream connect failed. (The
+        # proxy's thread may record it just after the client read the 503.)
+        deadline = time.monotonic() + 10
+        while not observer.closes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (failure,) = observer.closes
+        assert isinstance(failure, Failure) and failure.reason is Reason.CONNECT_FAILED
+        assert failure.reason.response_flag == "CONNECT"
         assert other.wait_status(other.connect(f"{CLIENT_IP}:{echo.address[1]}")) == 400  # not on this node
         assert other.wait_status(other.connect("not-an-address")) == 400
         assert other.wait_status(other.connect(f"{SERVER_IP}:{echo.address[1]}")) == 200  # still serving
 
 
-def _refused(files: MeshFiles, app: AppThread, ctx: ssl.SSLContext) -> str:
+def _refused(files: MeshFiles, app: ProxyThread, ctx: ssl.SSLContext) -> str:
     """Connect, try one CONNECT; return why it failed (it must fail)."""
     try:
         client = H2TunnelClient((SERVER_IP, app.port("inbound")), ctx)
@@ -143,7 +176,7 @@ def test_bad_client_certificates_are_refused(files, tmp_path) -> None:
     expired = files.ca.issue(files.identity("default", "client"),
                              not_after=now() - datetime.timedelta(hours=1))
     untrusted = CA.root("stranger").issue(files.identity("default", "client"))
-    with AppThread(files.settings()) as app:
+    with ProxyThread(files.settings()) as app:
         for leaf in (foreign_domain, expired, untrusted, None):
             _refused(files, app, client_tls_context(leaf, files.bundle, tmp_path))
         # and the proxy keeps serving good clients
@@ -155,13 +188,13 @@ def test_bad_client_certificates_are_refused(files, tmp_path) -> None:
 def test_client_checks_the_server_identity(files, tmp_path) -> None:
     """The other direction of mutual TLS: the server presents exactly the workload's identity, so a
     client that expects another identity can tell (the outbound side of ztproxy relies on this)."""
-    with AppThread(files.settings()) as app:
+    with ProxyThread(files.settings()) as app:
         client = _client(files, app, tmp_path)
         assert client.peer_identity() == [files.identity("default", "server")]
 
 
 def test_tls12_and_plaintext_are_refused(files) -> None:
-    with AppThread(files.settings()) as app:
+    with ProxyThread(files.settings()) as app:
         port = app.port("inbound")
         proc = subprocess.run(["openssl", "s_client", "-tls1_2", "-connect", f"{SERVER_IP}:{port}",
                                "-alpn", "h2"], input="", capture_output=True, text=True, timeout=20)
@@ -200,7 +233,7 @@ def _h2_answer_with_suite(port: int, suite: str, tmp_path: Path, files: MeshFile
 
 
 def test_only_hbone_cipher_suites_are_served(files, tmp_path) -> None:
-    with AppThread(files.settings()) as app:
+    with ProxyThread(files.settings()) as app:
         port = app.port("inbound")
         # AES-GCM: the server answers the preface with its SETTINGS frame (type 0x04).
         answer = _h2_answer_with_suite(port, "TLS_AES_128_GCM_SHA256", tmp_path, files)
@@ -210,7 +243,7 @@ def test_only_hbone_cipher_suites_are_served(files, tmp_path) -> None:
 
 
 def test_malformed_http2_gets_an_error_and_the_proxy_keeps_serving(files, echo, tmp_path) -> None:
-    with AppThread(files.settings()) as app:
+    with ProxyThread(files.settings()) as app:
         leaf = files.issue("default", "client")
         # Garbage after the connection preface: a connection error (GOAWAY or close).
         bad = _client(files, app, tmp_path, leaf=leaf)
@@ -244,7 +277,7 @@ def test_malformed_http2_gets_an_error_and_the_proxy_keeps_serving(files, echo, 
 
 
 def test_certificate_rotation_new_connections_use_the_new_certificate(files, echo, tmp_path) -> None:
-    with AppThread(files.settings(reload_interval=0.1)) as app:
+    with ProxyThread(files.settings(reload_interval=0.1)) as app:
         old = _client(files, app, tmp_path)
         old_serial = old.sock.getpeercert(binary_form=True)
         sid = old.connect(f"{SERVER_IP}:{echo.address[1]}")
@@ -272,7 +305,7 @@ def test_certificate_rotation_new_connections_use_the_new_certificate(files, ech
 def test_mesh_state_reload_keeps_live_connections(files, echo, tmp_path) -> None:
     new_target = EchoServer("127.0.0.4")
     try:
-        with AppThread(files.settings(reload_interval=0.1)) as app:
+        with ProxyThread(files.settings(reload_interval=0.1)) as app:
             client = _client(files, app, tmp_path)
             live = client.connect(f"{SERVER_IP}:{echo.address[1]}")
             assert client.wait_status(live) == 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from ztproxy.config import settings_from_dict
-from ztproxy.outbound import EndpointPicker, OutboundHandler
+from ztproxy.proxy.outbound import EndpointPicker, OutboundHandler
 from ztproxy.state import parse_mesh_state
 
 STATE = parse_mesh_state({

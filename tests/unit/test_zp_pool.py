@@ -6,9 +6,9 @@ import asyncio
 import time
 
 import pytest
-from zp_harness import AppThread, MeshFiles, workload
+from zp_harness import MeshFiles, ProxyThread, workload
 
-from ztproxy.hbone_client import HboneError
+from ztproxy.proxy.h2.client import HboneError
 
 pytestmark = pytest.mark.timeout(60)
 SERVER_IP = "127.0.0.3"
@@ -23,15 +23,15 @@ def files(tmp_path) -> MeshFiles:
     return files
 
 
-def _acquire(app: AppThread, files: MeshFiles, dst_identity: str):
+def _acquire(app: ProxyThread, files: MeshFiles, dst_identity: str):
     future = asyncio.run_coroutine_threadsafe(
-        app.app.pool.acquire(files.identity("default", "client"), dst_identity,
+        app.proxy.pool.acquire(files.identity("default", "client"), dst_identity,
                              (SERVER_IP, app.port("inbound"))), app.loop)
     return future.result(15)
 
 
 def test_streams_per_connection_limit_and_idle_release(files) -> None:
-    with AppThread(files.settings(pool_max_streams=2, pool_idle_timeout=0.5)) as app:
+    with ProxyThread(files.settings(pool_max_streams=2, pool_idle_timeout=0.5)) as app:
         server_id = files.identity("default", "server")
         first = _acquire(app, files, server_id)
         second = _acquire(app, files, server_id)
@@ -47,11 +47,11 @@ def test_streams_per_connection_limit_and_idle_release(files) -> None:
         while not (first.closed and third.closed):
             assert time.monotonic() < deadline, "idle connections were not released"
             time.sleep(0.05)
-        assert app.call(app.app.pool.sessions) == []
+        assert app.call(app.proxy.pool.sessions) == []
 
 
 def test_wrong_server_identity_is_refused(files) -> None:
-    with AppThread(files.settings()) as app:
+    with ProxyThread(files.settings()) as app:
         with pytest.raises(HboneError, match="server identity mismatch"):
             _acquire(app, files, files.identity("default", "someone-else"))
-        assert app.call(app.app.pool.sessions) == []
+        assert app.call(app.proxy.pool.sessions) == []

@@ -20,7 +20,7 @@ from ztproxy.config import (
     settings_from_dict,
     settings_to_dict,
 )
-from ztproxy.hooks import ConnContext
+from ztproxy.hooks import ConnContext, Failure, Reason
 from ztproxy.state import MeshStateError, parse_mesh_state
 from ztproxy.telemetry import (
     ACCESS_LOGGER,
@@ -141,7 +141,7 @@ def test_bytes_metrics_follow_istio_and_the_log_the_reporting_workload(reporter,
 def test_other_failures_close_with_ztunnels_connect_flag() -> None:
     metrics = TrafficMetrics(new_registry())
     tracker = Telemetry(metrics, AccessLog()).opened(_ctx("source"))
-    tracker.closed("connect failed: [Errno 111] Connection refused")
+    tracker.closed(Failure(Reason.CONNECT_FAILED, "connect failed: [Errno 111] Connection refused"))
     flag = TRAFFIC_LABELS.index("response_flags")
     failed = tracker.labels[:flag] + ("CONNECT",) + tracker.labels[flag + 1:]
     assert metrics.closed.value(failed) == 1 and metrics.failed.value(failed) == 1
@@ -154,7 +154,7 @@ def test_other_failures_close_with_ztunnels_connect_flag() -> None:
 def test_a_denial_closes_with_ztunnels_deny_flag_and_opens_without_it() -> None:
     metrics = TrafficMetrics(new_registry())
     tracker = Telemetry(metrics, AccessLog()).opened(_ctx("destination"))
-    tracker.closed("denied: no ALLOW policy matches", "DENY")
+    tracker.closed(Failure(Reason.DENIED, "denied: no ALLOW policy matches"))
     flag = TRAFFIC_LABELS.index("response_flags")
     denied = tracker.labels[:flag] + ("DENY",) + tracker.labels[flag + 1:]
     assert tracker.labels[flag] == "-" and metrics.opened.value(tracker.labels) == 1

@@ -17,6 +17,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from ..config import DEFAULT_CERTS_DIR, DEFAULT_MESH_STATE, DEFAULT_TRUST_BUNDLE
+from ..state import MeshStateError
 from . import pki
 from .client import parse_address
 from .meshstate import MeshState
@@ -239,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     """Run parsed ``ca``/``cert`` arguments; refusals become one clear line on stderr and exit code 1."""
     try:
         return args.handler(args)
-    except pki.IdentityError as exc:
+    except (pki.IdentityError, MeshStateError) as exc:
         print(f"ztproxy: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

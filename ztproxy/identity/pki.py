@@ -275,8 +275,11 @@ def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True when ``issuer``'s key made ``cert``'s signature (and the names chain)."""
     if cert.issuer != issuer.subject:
         return False
-    public = issuer.public_key()
     try:
+        if hasattr(cert, "verify_directly_issued_by"):  # cryptography >= 40: every algorithm it knows
+            cert.verify_directly_issued_by(issuer)
+            return True
+        public = issuer.public_key()
         if isinstance(public, rsa.RSAPublicKey):
             public.verify(
                 cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm

@@ -1,7 +1,10 @@
 """One HTTP/2 connection over TLS (the ``h2`` state machine driven by an asyncio protocol).
 
-The session feeds received bytes to h2, dispatches stream events to the stream's pump, and writes what
-h2 wants sent. Client and server sessions (hbone_client, hbone_server) add request handling.
+The session feeds received bytes to h2, dispatches stream events to the stream's handler (a
+``StreamHandler``: the byte pump of ztproxy.proxy.copy), and writes what h2 wants sent. It implements
+the pump's ``StreamCarrier`` protocol (bind, send_capacity, send_data, send_end, reset, acknowledge,
+flush, stream_finished, write_paused) and imports nothing of the pump. The client session
+(ztproxy.proxy.h2.client) and the server session (ztproxy.proxy.inbound) add request handling.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import collections
 import contextlib
 import logging
 import time
-from typing import Deque, Dict, Optional, Tuple
+from typing import Deque, Dict, Optional, Protocol, Tuple
 
 import h2.config
 import h2.connection
@@ -21,12 +24,25 @@ import h2.exceptions
 import h2.settings
 
 from ztproxy import config
-from ztproxy.h2frames import ZeroCopyH2Connection
-from ztproxy.pump import StreamPump
+from ztproxy.proxy.h2.frames import Buffer, ZeroCopyH2Connection
 
 log = logging.getLogger("ztproxy.h2")
 
 
+class StreamHandler(Protocol):
+    """What the session calls on the handler of one stream (ztproxy.proxy.copy.StreamPump)."""
+
+    def on_h2_data(self, data: Buffer, flow_controlled_length: int) -> None: ...
+
+    def on_h2_end(self) -> None: ...
+
+    def on_h2_reset(self, error: str) -> None: ...
+
+    def on_window(self) -> None: ...
+
+    def on_session_lost(self, error: str) -> None: ...
+
+    def update_reading(self) -> None: ...
 
 
 class _DrainableStateMachine(h2.connection.H2ConnectionStateMachine):
@@ -83,7 +99,7 @@ def _h2_version() -> Tuple[int, int]:
 
 # h2 releases before 4.4 (4.4 needs Python 3.10, so Python 3.9 nodes get an older one) demand :path
 # and :scheme in every request, which an RFC 9113 section 8.5 CONNECT (HBONE's) never carries. With
-# those, a server turns off h2's inbound header validation; hbone_server checks the CONNECT itself
+# those, a server turns off h2's inbound header validation; proxy.inbound checks the CONNECT itself
 # (method, :authority, pseudo-headers) and answers 400 to a malformed one.
 H2_VALIDATES_CONNECT = _h2_version() >= (4, 4)
 
@@ -112,7 +128,7 @@ class H2Session(asyncio.BufferedProtocol):
         self._header_timer: Optional[asyncio.TimerHandle] = None
         self._resets: Deque[float] = collections.deque()  # when the peer reset a stream, for the budget
         self.transport: Optional[asyncio.Transport] = None
-        self.pumps: Dict[int, StreamPump] = {}
+        self.pumps: Dict[int, StreamHandler] = {}
         self.write_paused = False  # the streams stop reading TCP: _loop_paused or _backlogged
         self._loop_paused = False
         self._backlogged = False
@@ -362,6 +378,44 @@ class H2Session(asyncio.BufferedProtocol):
     def on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
         pass
 
+    # -- the StreamCarrier protocol of ztproxy.proxy.copy ---------------------------------------------
+
+    def bind(self, stream_id: int, pump: StreamHandler) -> None:
+        self.pumps[stream_id] = pump
+
+    def send_capacity(self, stream_id: int) -> int:
+        try:
+            window = self.conn.local_flow_control_window(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            return -1
+        return min(window, self.conn.max_outbound_frame_size)
+
+    def send_data(self, stream_id: int, data: Buffer) -> bool:
+        try:
+            self.conn.send_data(stream_id, data)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return False
+        return True
+
+    def send_end(self, stream_id: int) -> bool:
+        try:
+            self.conn.end_stream(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return False
+        return True
+
+    def reset(self, stream_id: int, code: int) -> None:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            self.conn.reset_stream(stream_id, code)
+        self.flush()
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        try:
+            self.conn.acknowledge_received_data(n, stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            return
+        self.flush()
+
     def stream_finished(self, stream_id: int) -> None:
         """A pump is done with its stream (both directions ended, or reset)."""
         self.pumps.pop(stream_id, None)
@@ -382,7 +436,3 @@ class H2Session(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()

@@ -11,8 +11,8 @@ import h2.events
 import h2.exceptions
 
 from ztproxy.certs import peer_spiffe_ids, tls_problem
-from ztproxy.h2session import H2Limits, H2Session
-from ztproxy.pump import StreamPump
+from ztproxy.proxy.copy import StreamPump
+from ztproxy.proxy.h2.session import H2Limits, H2Session
 
 log = logging.getLogger("ztproxy.outbound")
 

@@ -9,34 +9,32 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Tuple
+from typing import Tuple
 
-from ztproxy.hooks import ConnContext
-from ztproxy.listener import reset
-from ztproxy.origdst import original_destination
-from ztproxy.pump import TcpRelay
-from ztproxy.upstream import adopt, connect_upstream
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ztproxy.app import App
+from ztproxy.hooks import ConnContext, Failure, Reason
+from ztproxy.proxy.copy import TcpRelay
+from ztproxy.proxy.inputs import ProxyInputs
+from ztproxy.proxy.listener import reset
+from ztproxy.proxy.origdst import original_destination
+from ztproxy.proxy.upstream import adopt, connect_upstream
 
 log = logging.getLogger("ztproxy.inbound")
 
 
 class PlaintextInboundHandler:
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, inputs: ProxyInputs) -> None:
+        self.inputs = inputs
 
     async def handle(self, sock: socket.socket, peer: Tuple) -> None:
-        app = self.app
+        pi = self.inputs
         try:
             dst_ip, dst_port = original_destination(sock)
         except OSError as exc:
             log.warning("inbound plaintext from %s: cannot read the original destination: %s", peer, exc)
             reset(sock)
             return
-        state = app.state
-        target = state.local_workload_by_ip(dst_ip, app.settings.node_name)
+        state = pi.state()
+        target = state.local_workload_by_ip(dst_ip, pi.settings.node_name)
         if target is None:
             log.info("inbound plaintext %s -> %s:%d: not a workload on this node; refused", peer[0],
                      dst_ip, dst_port)
@@ -47,24 +45,24 @@ class PlaintextInboundHandler:
             dst_port=dst_port, src_identity=None, dst_identity=target.identity,
             src_workload=state.workload_by_ip(peer[0]), dst_workload=target, dst_service=None,
             protocol="TCP", security_policy="none")
-        decision = app.authorizer.authorize(ctx)
+        decision = pi.authorizer.authorize(ctx)
         if not decision.allowed:
             log.info("inbound plaintext %s:%d -> %s:%d denied: %s", peer[0], peer[1], dst_ip, dst_port,
                      decision.reason)
             reset(sock)
             return
-        relay = TcpRelay(app.observer.opened(ctx))
+        relay = TcpRelay(pi.observer.opened(ctx))
         try:
-            await connect_upstream(app, (dst_ip, dst_port), peer[0], lambda: relay.server)
+            await connect_upstream(pi.settings, (dst_ip, dst_port), peer[0], lambda: relay.server)
         except OSError as exc:
             log.info("inbound plaintext %s -> %s:%d: connect failed: %s", peer[0], dst_ip, dst_port, exc)
-            relay.tracker.closed(f"connect failed: {exc}")
+            relay.tracker.closed(Failure(Reason.CONNECT_FAILED, f"connect failed: {exc}"))
             reset(sock)
             return
-        app.track(relay)
+        pi.connections.track(relay)
         try:
             await adopt(sock, relay.client)
         except OSError as exc:
-            relay.close(f"client connection lost: {exc}", abort=True)
+            relay.abort(Failure(Reason.CLIENT_LOST, f"client connection lost: {exc}"))
             return
         relay.start()

@@ -12,23 +12,19 @@ import logging
 import re
 import socket
 import ssl
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
-import h2.errors
 import h2.events
-import h2.exceptions
 
 from ztproxy.certs import CertError, peer_identity_in_domain, peer_spiffe_ids, tls_problem
 from ztproxy.config import parse_host_port
-from ztproxy.h2session import H2Limits, H2Session
-from ztproxy.hooks import ConnContext
-from ztproxy.listener import reset
-from ztproxy.origdst import original_destination
-from ztproxy.pump import StreamPump, abort_with_reset
-from ztproxy.upstream import connect_upstream
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ztproxy.app import App
+from ztproxy.hooks import ConnContext, Failure, Reason
+from ztproxy.proxy.copy import StreamPump, abort_with_reset
+from ztproxy.proxy.h2.server import H2ServerSession
+from ztproxy.proxy.inputs import ProxyInputs
+from ztproxy.proxy.listener import reset
+from ztproxy.proxy.origdst import original_destination
+from ztproxy.proxy.upstream import connect_upstream
 
 log = logging.getLogger("ztproxy.inbound")
 
@@ -43,7 +39,7 @@ def connect_header_problem(headers) -> Optional[str]:
     """Why a CONNECT header block is malformed (RFC 9113 sections 8.2 and 8.5), or None.
 
     h2 checks this itself from 4.4 on; on older h2 (Python 3.9 nodes) its inbound validation is off
-    because it wrongly demands :path in a CONNECT (see h2session.H2_VALIDATES_CONNECT), so the same
+    because it wrongly demands :path in a CONNECT (see h2.session.H2_VALIDATES_CONNECT), so the same
     rules are enforced here, on every version.
     """
     seen_pseudo = set()
@@ -70,7 +66,7 @@ def connect_header_problem(headers) -> Optional[str]:
 def parse_forwarded_for(value: str) -> Optional[Tuple[str, int]]:
     """The client address from ``forwarded: for="ip:port"`` (RFC 7239; IPv6 as "[ip]:port").
 
-    Never used for a decision or an address (see HboneServerSession._on_request), only, when consistent
+    Never used for a decision or an address (see HboneServerSession.handle_request), only, when consistent
     with the peer's certificate, for telemetry labels (source_workload)."""
     match = _FORWARDED_FOR.search(value)
     if not match:
@@ -94,19 +90,16 @@ def source_workload(state, peer_ip: str, peer_identity: Optional[str], forwarded
     return None
 
 
-class HboneServerSession(H2Session):
-    client_side = False
+class HboneServerSession(H2ServerSession):
+    """An inbound HBONE connection: the peer's certificate checked, each CONNECT authorized and
+    connected to its local target."""
 
-    def __init__(self, app: App, limits: H2Limits, local_addr: Tuple[str, int]) -> None:
-        super().__init__(limits)
-        self.app = app
+    def __init__(self, inputs: ProxyInputs, local_addr: Tuple[str, int]) -> None:
+        settings = inputs.settings
+        super().__init__(inputs.limits, settings.preface_timeout, settings.idle_timeout)
+        self.inputs = inputs
         self.local_addr = local_addr
         self.peer_identity: Optional[str] = None
-        self._last_stream_before_goaway: Optional[int] = None
-        self._settings_received = False
-        self._preface_timer: Optional[asyncio.TimerHandle] = None
-        self._idle_timer: Optional[asyncio.TimerHandle] = None
-        self._idle_since = 0.0
         self.on_closed: Optional[Callable[[], None]] = None  # frees the per-peer connection slot
 
     def check_peer(self, transport: asyncio.BaseTransport) -> Optional[str]:
@@ -121,89 +114,34 @@ class HboneServerSession(H2Session):
             # Exactly one identity, as the signer issues them: with several, which one a policy or a
             # log sees would be the proxy's choice, not the CA's.
             return f"client certificate has {len(uris)} URI SANs ({', '.join(uris)}); exactly one is accepted"
-        self.peer_identity = peer_identity_in_domain(ssl_object, self.app.settings.trust_domain)
+        trust_domain = self.inputs.settings.trust_domain
+        self.peer_identity = peer_identity_in_domain(ssl_object, trust_domain)
         if self.peer_identity is None:
             sans = [v for _, v in (ssl_object.getpeercert() or {}).get("subjectAltName", ())]
-            return (f"client certificate has no SPIFFE ID in trust domain {self.app.settings.trust_domain} "
+            return (f"client certificate has no SPIFFE ID in trust domain {trust_domain} "
                     f"(subject alternative names: {sans})")
         return None
 
     def session_started(self) -> None:
-        self.app.server_sessions.add(self)
-        settings = self.app.settings
-        loop = asyncio.get_event_loop()
-        # The client's preface and first SETTINGS must arrive within preface_timeout: a TLS connection
-        # that never speaks HTTP/2 otherwise holds its buffers and a per-peer slot forever.
-        self._preface_timer = loop.call_later(settings.preface_timeout, self._preface_timed_out)
-        self._idle_since = loop.time()
-        self._idle_timer = loop.call_later(settings.idle_timeout, self._check_idle)
+        self.inputs.connections.server_sessions.add(self)
+        super().session_started()
 
     def session_lost(self, reason: str) -> None:
-        self.app.server_sessions.discard(self)
-        for timer in (self._preface_timer, self._idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self._preface_timer = self._idle_timer = None
+        self.inputs.connections.server_sessions.discard(self)
+        super().session_lost(reason)
         if self.on_closed is not None:
             self.on_closed()
             self.on_closed = None
 
-    def _preface_timed_out(self) -> None:
-        self._preface_timer = None
-        if not self._settings_received:
-            self.protocol_violation(f"no HTTP/2 preface and SETTINGS within "
-                                    f"{self.app.settings.preface_timeout:g}s",
-                                    h2.errors.ErrorCodes.SETTINGS_TIMEOUT)
-
-    def _check_idle(self) -> None:
-        """Close a connection that has had no stream for idle_timeout (GOAWAY NO_ERROR)."""
-        self._idle_timer = None
-        if self.closed:
-            return
-        loop = asyncio.get_event_loop()
-        timeout = self.app.settings.idle_timeout
-        if self.pumps or self.conn.open_inbound_streams:
-            self._idle_since = loop.time()
-        elif loop.time() - self._idle_since >= timeout:
-            log.info("closing HBONE connection with %s: no stream for %gs", self.peername(), timeout)
-            self.close_reason = f"idle for {timeout:g}s"
-            self.goaway()
-            self.close()
-            return
-        self._idle_timer = loop.call_at(self._idle_since + timeout, self._check_idle)
-
-    def handle_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RemoteSettingsChanged):
-            self._settings_received = True
-        super().handle_event(event)
-
-    def goaway(self) -> None:
-        self._last_stream_before_goaway = self.conn.highest_inbound_stream_id
-        super().goaway()
-
     # -- requests -------------------------------------------------------------------------------------
-
-    def handle_other_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._on_request(event)
-
-    def _respond(self, stream_id: int, status: int, end: bool) -> None:
-        try:
-            self.conn.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=end)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
-        self.flush()
 
     def _refuse(self, stream_id: int, status: int, why: str) -> None:
         log.info("HBONE request %d from %s (%s) refused with %d: %s", stream_id, self.peername(),
                  self.peer_identity, status, why)
-        self._respond(stream_id, status, end=True)
+        self.respond(stream_id, status, end=True)
 
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
+    def handle_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        if self._last_stream_before_goaway is not None and sid > self._last_stream_before_goaway:
-            self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
-            return
         problem = connect_header_problem(event.headers)
         if problem:
             self._refuse(sid, 400, problem)
@@ -220,13 +158,14 @@ class HboneServerSession(H2Session):
         except ValueError:
             self._refuse(sid, 400, f":authority {authority!r} is not IP:PORT")
             return
-        app = self.app
-        state = app.state
-        target = state.local_workload_by_ip(target_ip, app.settings.node_name)
+        pi = self.inputs
+        node = pi.settings.node_name
+        state = pi.state()
+        target = state.local_workload_by_ip(target_ip, node)
         if target is None:
-            self._refuse(sid, 400, f"target {authority} is not a workload on node {app.settings.node_name}")
+            self._refuse(sid, 400, f"target {authority} is not a workload on node {node}")
             return
-        served = state.local_workload_by_ip(self.local_addr[0], app.settings.node_name)
+        served = state.local_workload_by_ip(self.local_addr[0], node)
         if served is None or served.uid != target.uid:
             # The TLS connection was addressed to (and authenticated as) another workload; as ztunnel,
             # a CONNECT may only reach the workload whose certificate served it.
@@ -246,14 +185,14 @@ class HboneServerSession(H2Session):
             dst_ip=target_ip, dst_port=target_port, src_identity=self.peer_identity,
             dst_identity=target.identity, src_workload=src_workload, dst_workload=target, dst_service=None,
             protocol="HBONE", security_policy="mutual_tls")
-        decision = app.authorizer.authorize(ctx)
+        decision = pi.authorizer.authorize(ctx)
         if not decision.allowed:
             self._refuse(sid, 401, f"authorization denied: {decision.reason}")
             return
-        tracker = app.observer.opened(ctx)
+        tracker = pi.observer.opened(ctx)
         pump = StreamPump(tracker, tcp_is_client=False)
         pump.bind_stream(self, sid)
-        app.track(pump)
+        pi.connections.track(pump)
         if event.stream_ended is not None:
             pump.on_h2_end()
         # Kept on the pump so that a reset of the stream cancels the connect (pump._finish).
@@ -262,54 +201,55 @@ class HboneServerSession(H2Session):
     async def _connect(self, pump: StreamPump, ctx: ConnContext, client: Tuple[str, int]) -> None:
         sid = pump.stream_id
         try:
-            transport = await connect_upstream(self.app, (ctx.dst_ip, ctx.dst_port), client[0], lambda: pump)
+            transport = await connect_upstream(self.inputs.settings, (ctx.dst_ip, ctx.dst_port), client[0],
+                                               lambda: pump)
         except asyncio.CancelledError:
             return  # the stream was reset meanwhile; connect_upstream closed its socket
         except OSError as exc:
             log.info("HBONE stream %d: upstream %s:%d connect failed: %s", sid, ctx.dst_ip, ctx.dst_port, exc)
             self.pumps.pop(sid, None)
-            self._respond(sid, 503, end=True)
-            pump.on_session_lost(f"upstream connect failed: {exc}")
+            self.respond(sid, 503, end=True)
+            pump.abort(Failure(Reason.CONNECT_FAILED, f"upstream connect failed: {exc}"))
             return
         pump.connect_task = None
         if pump.finished or self.closed:
             abort_with_reset(transport)
             return
         pump.attach_tcp(transport)
-        self._respond(sid, 200, end=False)
+        self.respond(sid, 200, end=False)
         pump.start()
 
 
 class HboneListener:
     """Port 15008: picks the certificate of the destination workload, then TLS and HTTP/2."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, inputs: ProxyInputs) -> None:
+        self.inputs = inputs
 
     async def handle(self, sock: socket.socket, peer: Tuple) -> None:
-        app = self.app
+        pi = self.inputs
         try:
             dst = original_destination(sock)
         except OSError as exc:
             log.warning("inbound HBONE from %s: cannot read the destination address: %s", peer, exc)
             reset(sock)
             return
-        workload = app.state.local_workload_by_ip(dst[0], app.settings.node_name)
+        workload = pi.state().local_workload_by_ip(dst[0], pi.settings.node_name)
         if workload is None:
             log.info("inbound HBONE to %s:%d from %s: no workload with that address on this node",
                      dst[0], dst[1], peer[0])
             reset(sock)
             return
         try:
-            contexts = app.certs.get(workload.identity)
+            contexts = pi.certs.get(workload.identity)
         except CertError as exc:
             log.error("inbound HBONE to %s: no usable certificate: %s", workload.identity, exc)
             reset(sock)
             return
         # The per-peer cap counts from the accept, handshakes included: a peer cannot hold more than
         # max_connections_per_peer TLS sessions (and their buffers) at once, whatever state they are in.
-        counts = app.peer_connections
-        cap = app.settings.max_connections_per_peer
+        counts = pi.connections.peer_connections
+        cap = pi.settings.max_connections_per_peer
         if counts.get(peer[0], 0) >= cap:
             log.warning("inbound HBONE from %s refused: it already has %d connections "
                         "(max_connections_per_peer)", peer[0], cap)
@@ -329,12 +269,12 @@ class HboneListener:
             else:
                 counts.pop(peer[0], None)
 
-        session = HboneServerSession(app, app.h2_limits, dst)
+        session = HboneServerSession(pi, dst)
         session.on_closed = release
         loop = asyncio.get_event_loop()
         try:
             await loop.connect_accepted_socket(lambda: session, sock, ssl=contexts.server,
-                                               ssl_handshake_timeout=app.settings.tls_handshake_timeout)
+                                               ssl_handshake_timeout=pi.settings.tls_handshake_timeout)
         except (ssl.SSLError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
             log.info("inbound HBONE TLS handshake with %s failed: %s", peer[0], exc or type(exc).__name__)
             release()

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Any, Callable, Coroutine, Dict, List, Optional, Tuple
 
-from ztproxy.certs import CertError
-from ztproxy.hbone_client import HboneClientSession, HboneError
-from ztproxy.origdst import outgoing_socket
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ztproxy.app import App
+from ztproxy.certs import CertError, CertStore
+from ztproxy.config import Settings
+from ztproxy.proxy.h2.client import HboneClientSession, HboneError
+from ztproxy.proxy.h2.session import H2Limits
+from ztproxy.proxy.origdst import outgoing_socket
 
 log = logging.getLogger("ztproxy.pool")
 
@@ -28,9 +27,15 @@ PoolKey = Tuple[str, int, str, Tuple[str, int], str]
 _warned_transparent = False
 
 
+Spawn = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
 class HbonePool:
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, settings: Settings, certs: CertStore, limits: H2Limits, spawn: Spawn) -> None:
+        self.settings = settings
+        self.certs = certs
+        self.limits = limits
+        self.spawn = spawn
         self._sessions: Dict[PoolKey, List[HboneClientSession]] = {}
 
     def sessions(self) -> List[HboneClientSession]:
@@ -44,10 +49,10 @@ class HbonePool:
         (IP_TRANSPARENT): the destination proxy takes the client address from the connection, never
         from a header the client could write."""
         try:
-            contexts = self.app.certs.get(src_identity)
+            contexts = self.certs.get(src_identity)
         except CertError as exc:
             raise HboneError(f"no usable certificate for {src_identity}: {exc}") from None
-        source = src_ip if src_ip and self.app.settings.preserve_source else ""
+        source = src_ip if src_ip and self.settings.preserve_source else ""
         key: PoolKey = (src_identity, contexts.generation, dst_identity, dst_addr, source)
         group = self._sessions.setdefault(key, [])
         for session in group:
@@ -62,7 +67,7 @@ class HbonePool:
         session = self._new_session(key)
         group.append(session)
         session.reserve()
-        self.app.spawn(self._connect(session, contexts.client, dst_addr, source or None))
+        self.spawn(self._connect(session, contexts.client, dst_addr, source or None))
         try:
             await session.ready
         except HboneError:
@@ -71,7 +76,7 @@ class HbonePool:
         return session
 
     def _new_session(self, key: PoolKey) -> HboneClientSession:
-        settings = self.app.settings
+        settings = self.settings
 
         def lost(session: HboneClientSession) -> None:
             group = self._sessions.get(key)
@@ -80,7 +85,7 @@ class HbonePool:
                 if not group:
                     del self._sessions[key]
 
-        session = HboneClientSession(self.app.h2_limits, key[2], settings.pool_max_streams, on_lost=lost)
+        session = HboneClientSession(self.limits, key[2], settings.pool_max_streams, on_lost=lost)
 
         def idle() -> None:
             loop = asyncio.get_event_loop()
@@ -99,7 +104,7 @@ class HbonePool:
     async def _connect(self, session: HboneClientSession, ssl_context, dst_addr: Tuple[str, int],
                        src_ip: Optional[str] = None) -> None:
         global _warned_transparent
-        settings = self.app.settings
+        settings = self.settings
         loop = asyncio.get_event_loop()
         try:
             try:

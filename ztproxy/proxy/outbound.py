@@ -16,18 +16,16 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from ztproxy.hbone_client import HboneError
-from ztproxy.hooks import ConnContext
-from ztproxy.listener import reset
-from ztproxy.origdst import original_destination
-from ztproxy.pump import StreamPump, TcpRelay
+from ztproxy.hooks import ConnContext, Failure, Reason
+from ztproxy.proxy.copy import StreamPump, TcpRelay
+from ztproxy.proxy.h2.client import HboneError
+from ztproxy.proxy.inputs import ProxyInputs
+from ztproxy.proxy.listener import reset
+from ztproxy.proxy.origdst import original_destination
+from ztproxy.proxy.upstream import adopt, connect_upstream
 from ztproxy.state import MeshState, Workload
-from ztproxy.upstream import adopt, connect_upstream
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ztproxy.app import App
 
 log = logging.getLogger("ztproxy.outbound")
 
@@ -83,13 +81,17 @@ class EndpointPicker:
 
 
 class OutboundHandler:
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.picker = EndpointPicker(app.settings.endpoint_failure_cooldown)
+    """Port 15001. ``own_port`` is the port the outbound listener is bound to: a connection addressed
+    to it is a capture loop and is refused."""
+
+    def __init__(self, inputs: ProxyInputs, own_port: Optional[int] = None) -> None:
+        self.inputs = inputs
+        self.own_port = own_port
+        self.picker = EndpointPicker(inputs.settings.endpoint_failure_cooldown)
 
     def routes(self, state: MeshState, dst_ip: str, dst_port: int) -> Tuple[List[Route], Optional[str]]:
         """The attempts for a destination, in order, and the service hostname if it is a VIP."""
-        hbone_port = self.app.settings.hbone_port
+        hbone_port = self.inputs.settings.hbone_port
         service = state.service_by_vip(dst_ip)
         if service is not None and dst_port in service.ports:
             candidates = []
@@ -107,23 +109,23 @@ class OutboundHandler:
         return [Route((dst_ip, dst_port), workload, None)], None
 
     async def handle(self, sock: socket.socket, peer: Tuple) -> None:
-        app = self.app
+        pi = self.inputs
         try:
             dst_ip, dst_port = original_destination(sock)
         except OSError as exc:
             log.warning("outbound from %s: cannot read the original destination: %s", peer, exc)
             reset(sock)
             return
-        if (dst_ip, dst_port) == tuple(sock.getsockname()[:2]) and dst_port == app.bound_port("outbound"):
+        if (dst_ip, dst_port) == tuple(sock.getsockname()[:2]) and dst_port == self.own_port:
             log.warning("outbound from %s: connection addressed to the proxy's own listener %s:%d; "
                         "refused (capture rules missing?)", peer[0], dst_ip, dst_port)
             reset(sock)
             return
-        state = app.state
-        source = state.local_workload_by_ip(peer[0], app.settings.node_name)
+        state = pi.state()
+        source = state.local_workload_by_ip(peer[0], pi.settings.node_name)
         if source is None:
             log.warning("outbound from %s to %s:%d: the source is not a workload of node %s; refused",
-                        peer[0], dst_ip, dst_port, app.settings.node_name)
+                        peer[0], dst_ip, dst_port, pi.settings.node_name)
             reset(sock)
             return
         routes, service = self.routes(state, dst_ip, dst_port)
@@ -159,31 +161,31 @@ class OutboundHandler:
         ctx = self._context(peer, source, route, service)
         if route.hbone_addr is None:
             return await self._passthrough(sock, ctx, route)
-        app = self.app
-        tracker = app.observer.opened(ctx)
+        pi = self.inputs
+        tracker = pi.observer.opened(ctx)
         pump = StreamPump(tracker, tcp_is_client=True)
         try:
             same_family = ipaddress.ip_address(peer[0]).version == \
                 ipaddress.ip_address(route.hbone_addr[0]).version
-            session = await app.pool.acquire(source.identity, ctx.dst_identity, route.hbone_addr,
+            session = await pi.pool.acquire(source.identity, ctx.dst_identity, route.hbone_addr,
                                              peer[0] if same_family else None)
             status = await session.connect_stream(_host_port(*route.target), self._headers(peer, source),
-                                                  pump, app.settings.connect_timeout)
+                                                  pump, pi.settings.connect_timeout)
         except HboneError as exc:
-            tracker.closed(str(exc))
+            tracker.closed(Failure(Reason.CONNECT_FAILED, str(exc)))
             return str(exc), True
         if status != 200:
             reason = f"HBONE CONNECT {_host_port(*route.target)} via {_host_port(*route.hbone_addr)} " \
                      f"answered {status}"
-            tracker.closed(reason)
+            tracker.closed(Failure(Reason.HBONE_REFUSED, reason))
             # 401/400 are the destination's decision: another endpoint would not change it.
             return reason, status == 503
         self.picker.succeeded(*route.target)
-        app.track(pump)
+        pi.connections.track(pump)
         try:
             transport = await adopt(sock, pump)
         except OSError as exc:  # the client went away meanwhile
-            pump.cancel(f"client connection lost: {exc}")
+            pump.cancel(Failure(Reason.CLIENT_LOST, f"client connection lost: {exc}"))
             return None, False
         pump.attach_tcp(transport)
         pump.start()
@@ -191,18 +193,18 @@ class OutboundHandler:
 
     async def _passthrough(self, sock: socket.socket, ctx: ConnContext, route: Route) \
             -> Tuple[Optional[str], bool]:
-        app = self.app
-        relay = TcpRelay(app.observer.opened(ctx))
+        pi = self.inputs
+        relay = TcpRelay(pi.observer.opened(ctx))
         try:
-            await connect_upstream(app, route.target, ctx.src_ip, lambda: relay.server)
+            await connect_upstream(pi.settings, route.target, ctx.src_ip, lambda: relay.server)
         except OSError as exc:
-            relay.tracker.closed(f"connect failed: {exc}")
+            relay.tracker.closed(Failure(Reason.CONNECT_FAILED, f"connect failed: {exc}"))
             return f"connect to {_host_port(*route.target)} failed: {exc}", True
-        app.track(relay)
+        pi.connections.track(relay)
         try:
             await adopt(sock, relay.client)
         except OSError as exc:
-            relay.close(f"client connection lost: {exc}", abort=True)
+            relay.abort(Failure(Reason.CLIENT_LOST, f"client connection lost: {exc}"))
             return None, False
         relay.start()
         return None, False

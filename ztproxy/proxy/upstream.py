@@ -5,25 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
-from ztproxy.origdst import outgoing_socket
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ztproxy.app import App
+from ztproxy.config import Settings
+from ztproxy.proxy.origdst import outgoing_socket
 
 log = logging.getLogger("ztproxy.upstream")
 _warned_transparent = False
 
 
-async def connect_upstream(app: App, dst: Tuple[str, int], client_ip: Optional[str],
+async def connect_upstream(settings: Settings, dst: Tuple[str, int], client_ip: Optional[str],
                            protocol_factory: Callable[[], asyncio.Protocol]) -> asyncio.Transport:
     """Connect to ``dst``; with ``preserve_source`` the socket speaks as ``client_ip`` (IP_TRANSPARENT).
 
     Raises OSError (including a timeout) when the connection cannot be made.
     """
     global _warned_transparent
-    settings = app.settings
     source = (client_ip, 0) if settings.preserve_source and client_ip else None
     try:
         sock = outgoing_socket(dst[0], settings.socket_mark, source)

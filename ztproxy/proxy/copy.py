@@ -1,8 +1,18 @@
-"""The byte pumps: the only code that moves payload. Kept apart so a C fast path can replace them.
+"""The byte pumps (ztunnel's copy.rs): the only code that moves payload, and the boundary a C data path
+will plug into.
 
 ``StreamPump`` joins one TCP socket to one HTTP/2 stream, ``TcpRelay`` joins two TCP sockets. Neither
 touches individual bytes: payload moves as the chunks the event loop reads (up to 256 KiB) and as
 HTTP/2 frames.
+
+The boundary. This module imports nothing of the HTTP/2 code. What a ``StreamPump`` needs of the
+connection that carries its stream is the ``StreamCarrier`` protocol below (eight calls: bind, send
+capacity, send data, send end, reset, acknowledge, flush, finished, and one flag, ``write_paused``);
+``ztproxy.proxy.h2.session.H2Session`` implements it. In the other direction the carrier calls the
+pump's ``on_h2_data``, ``on_h2_end``, ``on_h2_reset``, ``on_window``, ``on_session_lost`` and
+``update_reading`` (``ztproxy.proxy.h2.session.StreamHandler``). The pump reports the end of the
+connection once, to its ``ConnTracker`` (ztproxy.hooks), and to ``on_done``, with None or a typed
+``Failure`` (ztproxy.hooks.Reason: why, as a value). Nothing else crosses.
 
 Flow control never buffers without bound and never deadlocks:
 - TCP -> HTTP/2: data is read from the TCP socket only while the stream has send window and the TLS
@@ -23,18 +33,67 @@ import contextlib
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING, Deque, List, Optional
+from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Protocol
 
-import h2.errors
-import h2.exceptions
+from ztproxy.hooks import Failure, Reason
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ztproxy.h2session import H2Session
     from ztproxy.hooks import ConnTracker
 
-log = logging.getLogger("ztproxy.pump")
+log = logging.getLogger("ztproxy.copy")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+# HTTP/2 error codes (RFC 9113 section 7) a pump resets its stream with.
+CANCEL = 0x8
+CONNECT_ERROR = 0xA
+
+DoneCallback = Callable[[Optional[Failure]], None]
+
+
+class StreamCarrier(Protocol):
+    """What a StreamPump needs of the multiplexed connection that carries its stream (HTTP/2 here).
+
+    Calls on a stream that the connection no longer knows (closed, reset) are ignored by the carrier,
+    which reports that through the return values where the pump must react."""
+
+    @property
+    def write_paused(self) -> bool:
+        """The connection's own write buffer is full: pumps stop reading their TCP sockets."""
+        ...
+
+    def bind(self, stream_id: int, pump: StreamPump) -> None:
+        """Deliver the stream's events to ``pump`` from now on."""
+        ...
+
+    def send_capacity(self, stream_id: int) -> int:
+        """How many bytes may be sent on the stream now, as one DATA frame (0: wait for on_window;
+        negative: the stream is gone)."""
+        ...
+
+    def send_data(self, stream_id: int, data: memoryview) -> bool:
+        """Queue ``data`` (at most send_capacity bytes) on the stream; False when the stream is gone."""
+        ...
+
+    def send_end(self, stream_id: int) -> bool:
+        """Half-close the stream (END_STREAM); False when the stream is gone."""
+        ...
+
+    def reset(self, stream_id: int, code: int) -> None:
+        """Reset the stream with the HTTP/2 error ``code`` and flush."""
+        ...
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """``n`` received bytes were delivered: reopen the peer's send window by that much, and flush."""
+        ...
+
+    def flush(self) -> None:
+        """Write out what was queued."""
+        ...
+
+    def stream_finished(self, stream_id: int) -> None:
+        """The pump is done with the stream (both directions ended, or reset)."""
+        ...
 
 
 def abort_with_reset(transport: asyncio.BaseTransport) -> None:
@@ -52,13 +111,13 @@ class StreamPump(asyncio.Protocol):
     """The asyncio protocol of a TCP socket whose bytes ride on one HTTP/2 stream."""
 
     def __init__(self, tracker: ConnTracker, tcp_is_client: bool,
-                 on_done: Optional[callable] = None) -> None:
+                 on_done: Optional[DoneCallback] = None) -> None:
         self.tracker = tracker
         # Istio's counters: "received" = from the connection's client, "sent" = towards it.
         self._count_tcp_in = tracker.add_received if tcp_is_client else tracker.add_sent
         self._count_h2_in = tracker.add_sent if tcp_is_client else tracker.add_received
         self.on_done = on_done
-        self.session: Optional[H2Session] = None
+        self.session: Optional[StreamCarrier] = None
         self.stream_id = 0
         self.tcp: Optional[asyncio.Transport] = None
         self._transport: Optional[asyncio.BaseTransport] = None
@@ -77,13 +136,13 @@ class StreamPump(asyncio.Protocol):
         # (a reset stream must not leave a backend connection behind: rapid reset, issue 13).
         self.connect_task: Optional[asyncio.Task] = None
 
-    # -- wiring --------------------------------------------------------------------------------------
+    # -- binding -------------------------------------------------------------------------------------
 
-    def bind_stream(self, session: H2Session, stream_id: int) -> None:
+    def bind_stream(self, session: StreamCarrier, stream_id: int) -> None:
         """Receive the stream's events (data may be buffered until the TCP side is attached)."""
         self.session = session
         self.stream_id = stream_id
-        session.pumps[stream_id] = self
+        session.bind(stream_id, self)
 
     def attach_tcp(self, transport: asyncio.Transport) -> None:
         """Use ``transport`` (whose protocol is this pump) as the TCP side; reading stays paused."""
@@ -143,8 +202,9 @@ class StreamPump(asyncio.Protocol):
             self._finish(None)
             return
         # The TCP peer went away (RST or our abort) before both directions ended: reset the stream.
-        self._reset_stream(h2.errors.ErrorCodes.CONNECT_ERROR)
-        self._finish(f"tcp connection lost: {exc}" if exc else "tcp connection closed early")
+        self._reset_stream(CONNECT_ERROR)
+        self._finish(Failure(Reason.CONNECTION_LOST,
+                             f"tcp connection lost: {exc}" if exc else "tcp connection closed early"))
 
     # -- HTTP/2 side (called by the session) ----------------------------------------------------------
 
@@ -169,26 +229,31 @@ class StreamPump(asyncio.Protocol):
         self._maybe_close()
 
     def on_h2_reset(self, error: str) -> None:
+        """The peer reset the stream; ``error`` describes it."""
         self._end_received = self._end_sent = True
         if self.tcp is not None:
             abort_with_reset(self.tcp)
-        self._finish(error)
+        self._finish(Failure(Reason.STREAM_RESET, error))
 
     def on_window(self) -> None:
         self._send_pending()
 
-    def cancel(self, error: str) -> None:
+    def cancel(self, failure: Failure) -> None:
         """Give up on an established stream whose TCP side never came up: reset it, finish."""
-        self._reset_stream(h2.errors.ErrorCodes.CANCEL)
-        self._finish(error)
+        self._reset_stream(CANCEL)
+        self._finish(failure)
 
     def on_session_lost(self, error: str) -> None:
         """The HTTP/2 connection is gone: abort the TCP side (RST), so the client sees an error."""
+        self.abort(Failure(Reason.CONNECTION_LOST, error))
+
+    def abort(self, failure: Failure) -> None:
+        """End the connection now: abort the TCP side (RST), so the client sees an error."""
         if self._finished:
             return
         if self.tcp is not None:
             abort_with_reset(self.tcp)
-        self._finish(error)
+        self._finish(failure)
 
     def update_reading(self) -> None:
         self._update_reading()
@@ -203,37 +268,38 @@ class StreamPump(asyncio.Protocol):
         if not self._unacked or (self._tcp_write_blocked and not force) or self.session is None:
             return
         n, self._unacked = self._unacked, 0
-        try:
-            self.session.conn.acknowledge_received_data(n, self.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            return
-        self.session.flush()
+        self.session.acknowledge(self.stream_id, n)
 
     def _send_pending(self) -> None:
         session = self.session
         if session is None or not self._active or self._end_sent:
             return
-        conn = session.conn
+        sid = self.stream_id
         pending = self._pending
-        try:
-            while pending:
-                window = conn.local_flow_control_window(self.stream_id)
-                if window <= 0:
-                    break
-                chunk = pending[0]
-                n = min(window, conn.max_outbound_frame_size, len(chunk))
-                # Usually a whole read becomes one frame; h2frames passes the buffer on without a copy.
-                if n == len(chunk):
-                    pending.popleft()
-                else:
-                    pending[0] = chunk[n:]
-                    chunk = chunk[:n]
-                conn.send_data(self.stream_id, chunk)
-            if not pending and self._tcp_eof:
-                conn.end_stream(self.stream_id)
+        gone = False
+        while pending:
+            window = session.send_capacity(sid)
+            if window <= 0:
+                gone = window < 0
+                break
+            chunk = pending[0]
+            n = min(window, len(chunk))
+            # Usually a whole read becomes one frame; the frame layer passes the buffer on without a copy.
+            if n == len(chunk):
+                pending.popleft()
+            else:
+                pending[0] = chunk[n:]
+                chunk = chunk[:n]
+            if not session.send_data(sid, chunk):
+                gone = True
+                break
+        if not gone and not pending and self._tcp_eof:
+            if session.send_end(sid):
                 self._end_sent = True
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-            log.debug("stream %d: send failed: %s", self.stream_id, exc)
+            else:
+                gone = True
+        if gone:
+            log.debug("stream %d: send failed: the stream is closed", sid)
             pending.clear()
         session.flush()
         self._update_reading()
@@ -263,15 +329,11 @@ class StreamPump(asyncio.Protocol):
             self.tcp.close()  # flushes what is buffered, then closes
             self._finish(None)
 
-    def _reset_stream(self, code: h2.errors.ErrorCodes) -> None:
-        session = self.session
-        if session is None:
-            return
-        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            session.conn.reset_stream(self.stream_id, code)
-        session.flush()
+    def _reset_stream(self, code: int) -> None:
+        if self.session is not None:
+            self.session.reset(self.stream_id, code)
 
-    def _finish(self, error: Optional[str]) -> None:
+    def _finish(self, failure: Optional[Failure]) -> None:
         if self._finished:
             return
         self._finished = True
@@ -281,9 +343,9 @@ class StreamPump(asyncio.Protocol):
             task.cancel()
         if self.session is not None:
             self.session.stream_finished(self.stream_id)
-        self.tracker.closed(error)
+        self.tracker.closed(failure)
         if self.on_done is not None:
-            self.on_done(error)
+            self.on_done(failure)
 
 
 class _RelaySide(asyncio.Protocol):
@@ -350,7 +412,8 @@ class _RelaySide(asyncio.Protocol):
         if self.eof and self.peer.eof:
             self.relay.close(None)
         else:
-            self.relay.close(f"connection lost: {exc}" if exc else "connection closed early", abort=True)
+            self.relay.abort(Failure(Reason.CONNECTION_LOST,
+                                     f"connection lost: {exc}" if exc else "connection closed early"))
 
 
 class TcpRelay:
@@ -358,7 +421,7 @@ class TcpRelay:
 
     Build both transports with ``client`` and ``server`` as their protocols, then call ``start``."""
 
-    def __init__(self, tracker: ConnTracker, on_done: Optional[callable] = None) -> None:
+    def __init__(self, tracker: ConnTracker, on_done: Optional[DoneCallback] = None) -> None:
         self.tracker = tracker
         self.on_done = on_done
         self.client = _RelaySide(self, True)
@@ -374,7 +437,11 @@ class TcpRelay:
         self.client.flush_held()
         self.server.flush_held()
 
-    def close(self, error: Optional[str], abort: bool = False) -> None:
+    def abort(self, failure: Failure) -> None:
+        """End both sides now with a TCP RST."""
+        self.close(failure, abort=True)
+
+    def close(self, failure: Optional[Failure], abort: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
@@ -384,6 +451,6 @@ class TcpRelay:
                     abort_with_reset(side.transport)
                 else:
                     side.transport.close()
-        self.tracker.closed(error)
+        self.tracker.closed(failure)
         if self.on_done is not None:
-            self.on_done(error)
+            self.on_done(failure)

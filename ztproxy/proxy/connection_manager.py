@@ -1,0 +1,56 @@
+"""What the proxy keeps of the connections it serves, for graceful drain (ztunnel's connection manager):
+the proxied connections (pumps and relays) still open, the tasks that handle them, the inbound HBONE
+sessions and the per-peer count of inbound HBONE connections (``max_connections_per_peer``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Coroutine, Dict, List, Optional, Set
+
+from ztproxy.hooks import Failure
+from ztproxy.proxy.h2.session import H2Session
+
+log = logging.getLogger("ztproxy")
+
+
+class ConnectionManager:
+    def __init__(self) -> None:
+        # Inbound HBONE connections per peer address, TLS handshakes included.
+        self.peer_connections: Dict[str, int] = {}
+        self.server_sessions: Set[H2Session] = set()
+        self._active: Set[Any] = set()
+        self._tasks: Set[asyncio.Task] = set()
+
+    @property
+    def active(self) -> List[Any]:
+        """The proxied connections still open."""
+        return list(self._active)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run a connection handler as a task the drain cancels; a crash in it is logged."""
+        task = asyncio.get_event_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal error in a connection handler", exc_info=task.exception())
+
+    def track(self, connection: Any) -> None:
+        """Count a proxied connection (pump or relay) as active until it finishes (for drain)."""
+        self._active.add(connection)
+        previous = connection.on_done
+
+        def done(failure: Optional[Failure]) -> None:
+            self._active.discard(connection)
+            if previous is not None:
+                previous(failure)
+
+        connection.on_done = done
+
+    def cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
