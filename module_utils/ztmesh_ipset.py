@@ -12,7 +12,6 @@ parser would know.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import shlex
 import subprocess
@@ -291,15 +290,29 @@ def ipset_command() -> str:
     return path
 
 
-def no_set_can_exist() -> bool:
-    """True when the node has no ipset command and no set in the kernel (the ip_set module, which the
-    first set loads, is not loaded).
+def ipset_tool_present() -> bool:
+    return bool(which("ipset"))
 
-    Lets removal answer "nothing to remove" on a node without the ipset command (a node ztmesh never
-    onboarded, or one whose onboarding was rolled back together with the packages it had brought),
-    instead of demanding a tool to delete what cannot exist.
+
+def set_names_over_netlink() -> List[str]:
+    """The sets of the current network namespace, read over netlink with pyroute2, without the tool.
+
+    For removal on a node whose ipset command is gone (a rolled-back onboarding, or a second
+    uninstall, purged the packages ztmesh had brought): a set that is not there needs no tool to be
+    "removed". pyroute2 is imported here only: no other path of the module needs it.
     """
-    return not which("ipset") and not os.path.exists("/sys/module/ip_set")
+    try:
+        from pyroute2.ipset import IPSet
+    except ImportError as exc:
+        raise IpsetError(f"the 'ipset' command is not installed and pyroute2 cannot list sets either "
+                         f"({exc}); run the module with the ztmesh runtime") from None
+    sets = IPSet()
+    try:
+        return [str(msg.get_attr("IPSET_ATTR_SETNAME")) for msg in sets.list()]
+    except Exception as exc:  # noqa: BLE001 - any netlink failure is reported, with its cause
+        raise IpsetError(f"cannot list the ipsets over netlink: {exc}") from None
+    finally:
+        sets.close()
 
 
 def run_ipset(args: List[str], stdin: Optional[str] = None) -> Tuple[int, str, str]:

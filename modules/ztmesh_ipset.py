@@ -89,7 +89,7 @@ options:
     type: str
 notes:
   - Needs the C(ipset) command and C(unshare) (util-linux) on the node, and root. Removal on a node without
-    the command succeeds unchanged when no set can exist (the ip_set kernel module is not loaded).
+    the command reads the sets over netlink (pyroute2): a set that is not there is reported unchanged.
   - Supports check mode and diff mode.
 author:
   - ztmesh contributors (@ztmesh)
@@ -150,12 +150,13 @@ from ansible.module_utils.ztmesh_ipset import (
     IpsetError,
     apply_batch,
     canonical_set,
-    no_set_can_exist,
+    ipset_tool_present,
     pick_temp_name,
     plan_present,
     read_set,
     references,
     set_names,
+    set_names_over_netlink,
     sorted_members,
     spec_from_params,
     state_dict,
@@ -188,7 +189,13 @@ def argument_spec() -> dict:
 
 def run(params: dict, check_mode: bool) -> dict:
     spec = spec_from_params(params)
-    live = None if params["state"] == "absent" and no_set_can_exist() else read_set(spec.name)
+    if params["state"] == "absent" and not ipset_tool_present():
+        if spec.name not in set_names_over_netlink():
+            return {"changed": False, "members": [], "added": [], "removed": [],
+                    "diff": {"before": {}, "after": {}}}
+        raise IpsetError(f"set {spec.name} exists but the 'ipset' command is not installed on this node: "
+                         "install the ipset package and rerun")
+    live = read_set(spec.name)
     refs = references(spec.name) if live is not None else 0
     before = state_dict(live)
     if params["state"] == "absent":
