@@ -1,68 +1,109 @@
-"""The vm tier's fixtures (the code they use is in vmtier.py, whose docstring describes the tier)."""
+"""The vm tier: a real Debian 12 kernel under qemu (software emulation), reached by Ansible over SSH.
+
+The host kernel has no Geneve, so the `geneve` tunnel kind is proven here. The VM uses qemu's
+user-mode network: its SSH port is forwarded to a loopback port of this machine, so the tier needs no
+bridge or tap device and changes nothing in the host's network namespace. The VM boots with
+``-snapshot``: its disk image is never modified and every session starts from the same state.
+"""
 
 from __future__ import annotations
 
-import json
-import shutil
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from vmtier import (
-    FLEET,
-    LOGS,
-    ORDER,
-    TIMINGS,
-    VM,
-    Fleet,
-    Network,
-    boot,
-    build_image,
-    fetch_node_packages,
-    make_vm,
-    snapshot_all,
-    timed,
-    write_inventory,
-)
+
+REPO = Path(__file__).resolve().parents[2]
+BOOT_TIMEOUT = 240  # seconds; a boot under TCG takes ~30 s on an idle 2-core machine
 
 
-def pytest_collection_modifyitems(config, items):
-    """Run the tier's files in ORDER (they share one fleet); other items keep their places."""
-    positions = [i for i, item in enumerate(items) if Path(str(item.fspath)).parent == Path(__file__).parent]
-    ours = [items[i] for i in positions]
-    ours.sort(key=lambda item: ORDER.index(Path(str(item.fspath)).name)
-              if Path(str(item.fspath)).name in ORDER else len(ORDER))
-    for i, item in zip(positions, ours):
-        items[i] = item
+@dataclass
+class VM:
+    port: int
+    key: Path
+    console_log: Path
+
+    def ssh(self, command: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
+        argv = ["ssh", *self.ssh_options(), "-p", str(self.port), "root@127.0.0.1", command]
+        return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
+
+    def ssh_options(self) -> list[str]:
+        return ["-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", "-i", str(self.key)]
+
+    def inventory(self, path: Path) -> Path:
+        path.write_text(
+            "all:\n  hosts:\n    vm1:\n"
+            "      ansible_host: 127.0.0.1\n"
+            f"      ansible_port: {self.port}\n"
+            "      ansible_user: root\n"
+            f"      ansible_ssh_private_key_file: {self.key}\n"
+            "      ansible_ssh_common_args: -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null\n"
+            "      ansible_python_interpreter: /usr/bin/python3\n"
+        )
+        return path
+
+    def playbook(self, playbook: Path, inventory: Path, *extra: str, timeout: int = 900
+                 ) -> subprocess.CompletedProcess:
+        env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+                   ANSIBLE_HOST_KEY_CHECKING="False")
+        argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), str(playbook),
+                *extra]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
-def fleet(tmp_path_factory) -> Iterator[Fleet]:
-    if LOGS.exists():
-        shutil.rmtree(LOGS)
-    LOGS.mkdir(parents=True)
-    TIMINGS.clear()
-    image = build_image("base")
-    plan = json.loads((image / "network.json").read_text())
-    workdir = tmp_path_factory.mktemp("vm-fleet")
-    package_dir = fetch_node_packages()
-    network = Network(plan)
-    vms: dict[str, VM] = {}
-    state: Fleet | None = None
+def vm_image() -> Path:
+    proc = subprocess.run([str(REPO / "scripts" / "build-vm-image.sh")], capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, f"building the VM image failed:\n{proc.stderr[-4000:]}"
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def vm(vm_image: Path, tmp_path_factory) -> Iterator[VM]:
+    port = _free_port()
+    logdir = tmp_path_factory.mktemp("vm")
+    console = logdir / "console.log"
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2", "-nographic", "-snapshot",
+        "-kernel", str(vm_image / "vmlinuz"), "-initrd", str(vm_image / "initrd.img"),
+        "-append", "root=/dev/vda rw console=ttyS0 quiet",
+        "-drive", f"file={vm_image / 'root.img'},format=raw,if=virtio",
+        # User-mode network: only the VM's SSH port, forwarded to loopback.
+        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22", "-device", "virtio-net-pci,netdev=n0",
+    ]
+    with console.open("w") as out:
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    machine = VM(port=port, key=vm_image / "id_ed25519", console_log=console)
     try:
-        macs = list(plan["vms"].items())
-        for index, name in enumerate(FLEET):
-            mac, address = macs[index]
-            vms[name] = make_vm(name, index + 1, image, network, mac, address)
-        with timed("boot 3 VMs in parallel"):
-            boot(list(vms.values()))
-        inventory = write_inventory(workdir / "inventory.json", vms, workdir / "ca", package_dir)
-        state = Fleet(image=image, network=network, vms=vms, workdir=workdir, inventory=inventory,
-                      package_dir=package_dir)
-        state.snapshots_before = snapshot_all(list(vms.values()), "before")
-        yield state
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while True:
+            if qemu.poll() is not None:
+                pytest.fail(f"qemu exited with {qemu.returncode}:\n{console.read_text()[-3000:]}")
+            if machine.ssh("true", check=False, timeout=15).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the VM did not answer SSH within {BOOT_TIMEOUT} s:\n"
+                            f"{console.read_text()[-3000:]}")
+            time.sleep(2)
+        yield machine
     finally:
-        for vm in [*vms.values(), *(state.extra_vms if state else [])]:
-            vm.stop()
-        network.close()
-        (LOGS / "timings.json").write_text(json.dumps(TIMINGS, indent=1) + "\n")
+        qemu.terminate()
+        try:
+            qemu.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            qemu.kill()
+            qemu.wait()
