@@ -42,9 +42,12 @@ TEST_CLIENTS = ["curl", "dnsutils", "iperf3", "iputils-ping", "netcat-openbsd", 
 IMAGE_BUILD_TIMEOUT = 900
 PACKAGES_TIMEOUT = 600
 # One scenario on a loaded 2-core machine; ZTMESH_MOLECULE_TIMEOUT overrides it (seconds).
-SCENARIO_TIMEOUT = int(os.environ.get("ZTMESH_MOLECULE_TIMEOUT", "1800"))
+SCENARIO_TIMEOUT = int(os.environ.get("ZTMESH_MOLECULE_TIMEOUT", "2700"))
 DESTROY_TIMEOUT = 180
 PARALLEL = max(1, int(os.environ.get("ZTMESH_MOLECULE_PARALLEL", "2")))
+# After platform, the longest scenarios start first (measured: fleet and drift take the longest), so
+# the last one to finish is a short one and the workers end close together.
+LONGEST_FIRST = ("fleet", "drift", "uninstall", "renewal", "default")
 TAIL_LINES = 80
 
 
@@ -173,6 +176,8 @@ class BackgroundScenarios:
         # worth running side by side with it.
         if pending:
             self._run_guarded(pending.pop(0), env)
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        pending.sort(key=lambda name: rank.get(name, len(rank)))
         lock = threading.Lock()
 
         def worker() -> None:
