@@ -20,6 +20,8 @@ TOOLS_PACKAGES=(iptables ipset nftables procps)
 . /etc/os-release
 arch="$(dpkg --print-architecture)"
 OUT="${1:-$REPO/.cache/node-packages/${ID}${VERSION_ID:-}-$arch}"
+# Absolute: apt-get download runs in a subshell that changes into it.
+OUT="$(realpath -m "$OUT")"
 [ $# -gt 1 ] && TOOLS_PACKAGES=("${@:2}")
 wanted="${TOOLS_PACKAGES[*]}"
 
