@@ -57,17 +57,19 @@ class HbonePool:
         group = self._sessions.setdefault(key, [])
         for session in group:
             if session.accepts_streams():
-                session.reserve()
-                try:
-                    await session.ready
-                except HboneError:
-                    session.release()
-                    raise
-                return session
+                return await self._claim(session)
         session = self._new_session(key)
         group.append(session)
         session.reserve()
         self.spawn(self._connect(session, contexts.client, dst_addr, source or None))
+        return await self._claim(session, reserved=True)
+
+    @staticmethod
+    async def _claim(session: HboneClientSession, reserved: bool = False) -> HboneClientSession:
+        """Reserve a stream on the session and wait until it is connected; a failed connect gives the
+        reservation back before the error goes to the caller."""
+        if not reserved:
+            session.reserve()
         try:
             await session.ready
         except HboneError:
