@@ -89,7 +89,7 @@ options:
     type: str
 notes:
   - Needs the C(ipset) command and C(unshare) (util-linux) on the node, and root. Removal on a node without
-    the command reads the sets over netlink (pyroute2): a set that is not there is reported unchanged.
+    the command reads the sets over netlink (pyroute2), and a set that is not there is reported unchanged.
   - Supports check mode and diff mode.
 author:
   - ztmesh contributors (@ztmesh)
