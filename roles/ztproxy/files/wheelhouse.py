@@ -42,18 +42,23 @@ PLATFORMS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{a
 RUNTIME_DIR = "runtime"
 
 
+def source_paths(source: Path) -> List[Path]:
+    """The files the ztmesh wheel is built from (and its digest made of), sorted."""
+    paths: List[Path] = [source / name for name in SOURCE_FILES if (source / name).is_file()]
+    for directory in SOURCE_DIRS:
+        for path in sorted((source / directory).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".so"):
+                paths.append(path)
+    return sorted(paths)
+
+
 def source_digest(source: Path, constraints: Path) -> str:
     digest = hashlib.sha256()
     # The pinned versions are part of the key: a changed pin is a new wheelhouse (and runtime).
     digest.update(b"constraints\0" + constraints.read_bytes() + b"\0")
     # So is this builder: a change in how the runtime is made is a new runtime.
     digest.update(b"builder\0" + Path(__file__).read_bytes() + b"\0")
-    paths: List[Path] = [source / name for name in SOURCE_FILES if (source / name).is_file()]
-    for directory in SOURCE_DIRS:
-        for path in sorted((source / directory).rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".so"):
-                paths.append(path)
-    for path in sorted(paths):
+    for path in source_paths(source):
         digest.update(str(path.relative_to(source)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -100,9 +105,17 @@ def build(source: Path, target: Path, python_version: str, arch: str, constraint
     # Kept in the wheelhouse: the pins this wheelhouse was built with.
     constraints = constraints_for(constraints, python_version, target / "constraints.txt")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    # The ztmesh wheel itself is pure Python: built once, from the source tree, with the controller's
-    # setuptools (no build isolation: no download needed for the build backend).
-    run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(target), str(source)])
+    # The ztmesh wheel itself is pure Python: built once, with the controller's setuptools (no build
+    # isolation: no download needed for the build backend), from a clean copy of exactly the sources
+    # the digest covers. Built in the checkout, setuptools would reuse its build/ directory and ship
+    # modules that were deleted or moved since (a stale ztproxy/wiring.py did).
+    with tempfile.TemporaryDirectory(prefix="ztmesh-wheel-src.") as scratch:
+        clean = Path(scratch)
+        for path in source_paths(source):
+            destination = clean / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, destination)
+        run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(target), str(clean)])
     project = next(target.glob("ztmesh-*.whl"))
     platform_args: List[str] = []
     for platform in PLATFORMS:
