@@ -11,7 +11,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-dev gcc make
     iproute2 iptables nftables ipset kmod procps util-linux
     podman runc uidmap slirp4netns fuse-overlayfs
-    debootstrap qemu-system-x86 e2fsprogs
+    debootstrap qemu-system-x86 e2fsprogs dpkg-dev
     stunnel4 haproxy iperf3 tcpdump dnsutils socat netcat-openbsd curl openssl ca-certificates
 )
 
