@@ -47,7 +47,9 @@ echo "[node-packages] downloading ${#closure[@]} packages into $OUT" >&2
 # apt-get download writes into the current directory; as root it drops to the _apt user, which must
 # be able to write there.
 chmod 0755 "$OUT"
-(cd "$OUT" && apt-get download -q "${closure[@]}" >/dev/null 2>"$OUT/.download-errors") || {
+# Package lists older than the mirror name versions it no longer has: refresh them once and retry.
+(cd "$OUT" && apt-get download -q "${closure[@]}" >/dev/null 2>"$OUT/.download-errors") \
+    || { apt-get update -qq && (cd "$OUT" && apt-get download -q "${closure[@]}" >/dev/null 2>"$OUT/.download-errors"); } || {
     # A virtual package that no real one provides under its own name cannot be downloaded; the rest
     # must be there.
     echo "[node-packages] apt-get download reported:" >&2
