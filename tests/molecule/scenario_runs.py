@@ -42,7 +42,7 @@ TEST_CLIENTS = ["curl", "dnsutils", "iperf3", "iputils-ping", "netcat-openbsd", 
 IMAGE_BUILD_TIMEOUT = 900
 PACKAGES_TIMEOUT = 600
 # One scenario on a loaded 2-core machine; ZTMESH_MOLECULE_TIMEOUT overrides it (seconds).
-SCENARIO_TIMEOUT = int(os.environ.get("ZTMESH_MOLECULE_TIMEOUT", "2700"))
+SCENARIO_TIMEOUT = int(os.environ.get("ZTMESH_MOLECULE_TIMEOUT", "3600"))
 DESTROY_TIMEOUT = 180
 PARALLEL = max(1, int(os.environ.get("ZTMESH_MOLECULE_PARALLEL", "2")))
 # After platform, the longest scenarios start first (measured: fleet and drift take the longest), so
