@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from scenario_runs import BackgroundScenarios
+from scenario_runs import BackgroundScenarios, stop_running
 
 _background: BackgroundScenarios | None = None
 
@@ -29,3 +29,8 @@ def pytest_collection_modifyitems(config, items):
 def molecule_runs() -> BackgroundScenarios:
     assert _background is not None, "the molecule scenarios were not started at collection"
     return _background
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A session that ends before its molecule tests (interrupt, -x) kills the runs still under way."""
+    stop_running()

@@ -16,6 +16,7 @@ apt sources, so no test node fetches anything itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,6 +57,17 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
         return "".join(deque(stream, maxlen=lines))
 
 
+# Process groups of the molecule runs under way, so that a session that ends early (an interrupt,
+# `-x` in another tier) kills them instead of leaving them running.
+RUNNING: set[int] = set()
+
+
+def stop_running() -> None:
+    for pgid in list(RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str]) -> int | None:
     """Run cmd from the repo root with all output appended to log; None when it timed out.
 
@@ -68,6 +80,7 @@ def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str]) -
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
         )
+        RUNNING.add(proc.pid)
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -75,6 +88,8 @@ def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str]) -
             proc.wait()
             stream.write(f"\n[killed after {timeout:.0f} s]\n")
             return None
+        finally:
+            RUNNING.discard(proc.pid)
 
 
 def molecule_env(extra: dict[str, str] | None = None) -> dict[str, str]:
