@@ -18,8 +18,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ansible.module_utils.ztmesh_backend import which
-from ansible.module_utils.ztmesh_scratch import run_in_scratch_netns
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_backend import which
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_scratch import run_in_scratch_netns
 
 MAX_NAME_LEN = 31  # IPSET_MAXNAMELEN (32) minus the terminating NUL
 TEMP_SUFFIX = "-ztmp"

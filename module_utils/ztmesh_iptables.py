@@ -25,7 +25,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ansible.module_utils.ztmesh_scratch import run_in_scratch_netns
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_scratch import run_in_scratch_netns
 
 BUILTIN_CHAINS: Dict[str, Tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),

@@ -12,7 +12,10 @@ import ipaddress
 import socket
 from typing import Dict, List, Optional, Tuple
 
-from ansible.module_utils.ztmesh_common import ProbeResult, probe_in_throwaway_netns
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_common import (
+    ProbeResult,
+    probe_in_throwaway_netns,
+)
 
 try:
     from pyroute2 import IPRoute

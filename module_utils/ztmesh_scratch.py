@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from ansible.module_utils.ztmesh_backend import which
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_backend import which
 
 SCRATCH_TIMEOUT = 60
 

@@ -119,7 +119,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from ansible.module_utils.ztmesh_identity import (
+    from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_identity import (
         CaError,
         IdentityError,
         SpiffeId,

@@ -167,15 +167,17 @@ import subprocess
 import sys
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible.module_utils.ztmesh_backend import detect_iptables_backend, which
-from ansible.module_utils.ztmesh_common import (
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_backend import detect_iptables_backend, which
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_common import (
     NETNS_ARGUMENT_SPEC,
     NETNS_RUN_DIR,
     enter_netns_or_fail,
     is_mount_point,
     probe_in_throwaway_netns,
 )
-from ansible.module_utils.ztmesh_links import PYROUTE2_IMPORT_ERROR, probe_link_create
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_links import (
+    PYROUTE2_IMPORT_ERROR, probe_link_create,
+)
 
 # Throwaway test objects: real values of the ztmesh data plane, so "supported" means "ztmesh works".
 TUNNEL_PROBES = {

@@ -144,8 +144,10 @@ removed:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
-from ansible.module_utils.ztmesh_ipset import (
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_common import (
+    NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result,
+)
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_ipset import (
     SET_TYPES,
     IpsetError,
     apply_batch,
@@ -161,7 +163,7 @@ from ansible.module_utils.ztmesh_ipset import (
     spec_from_params,
     state_dict,
 )
-from ansible.module_utils.ztmesh_scratch import ScratchError
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_scratch import ScratchError
 
 
 def argument_spec() -> dict:

@@ -146,9 +146,13 @@ table_removed:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_backend import BACKENDS, backend_commands, detect_iptables_backend, which
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
-from ansible.module_utils.ztmesh_iptables import (
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_backend import (
+    BACKENDS, backend_commands, detect_iptables_backend, which,
+)
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_common import (
+    NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result,
+)
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_iptables import (
     BUILTIN_CHAINS,
     IptablesError,
     apply_live,
@@ -164,7 +168,7 @@ from ansible.module_utils.ztmesh_iptables import (
     run_tool,
     validate_chains,
 )
-from ansible.module_utils.ztmesh_scratch import ScratchError
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_scratch import ScratchError
 
 
 def argument_spec() -> dict:

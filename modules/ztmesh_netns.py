@@ -143,7 +143,7 @@ veth:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_common import (
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_common import (
     NETNS_ARGUMENT_SPEC,
     NETNS_RUN_DIR,
     enter_netns_or_fail,
@@ -153,7 +153,7 @@ from ansible.module_utils.ztmesh_common import (
     exit_with_result,
     is_mount_point,
 )
-from ansible.module_utils.ztmesh_links import (
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_links import (
     NetlinkError,
     find_link,
     ifname_error,

@@ -182,8 +182,10 @@ routes:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
-from ansible.module_utils.ztmesh_routing import (
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_common import (
+    NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result,
+)
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_routing import (
     RoutingError,
     apply_steps,
     check_devices_and_gateways,

@@ -116,8 +116,10 @@ import os
 import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
-from ansible.module_utils.ztmesh_sysctl import (
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_common import (
+    NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result,
+)
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_sysctl import (
     SysctlError,
     apply,
     key_error,

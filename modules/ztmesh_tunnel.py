@@ -177,8 +177,10 @@ recreated:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ztmesh_common import NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result
-from ansible.module_utils.ztmesh_links import (
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_common import (
+    NETNS_ARGUMENT_SPEC, enter_netns_or_fail, exit_with_result,
+)
+from ansible_collections.ztmesh.mesh.plugins.module_utils.ztmesh_links import (
     EOPNOTSUPP,
     NetlinkError,
     find_link,

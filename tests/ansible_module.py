@@ -22,6 +22,8 @@ def run_module(name: str, args: dict, check: bool = False, diff: bool = False, t
 
     ``interpreter`` is the Python the module runs with (default: the tests' own, which has every library).
     """
+    if "." not in name:  # the ztmesh modules by their short name: the collection's
+        name = f"ztmesh.mesh.{name}"
     env = dict(os.environ)
     env.update(
         ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),

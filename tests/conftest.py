@@ -9,11 +9,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The checkout's ansible_collections/ztmesh/mesh (a view of modules/, module_utils/, ...): tests import
+# the modules' utilities by the name the modules use, ansible_collections.ztmesh.mesh.plugins.module_utils.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 TIERS = ("unit", "fuzz", "netns", "molecule", "vm")
 
 

@@ -27,8 +27,8 @@ PLAYBOOK = """
   hosts: ztmesh_nodes
   gather_facts: false
   tasks:
-    - ansible.builtin.include_role: {{name: ztmesh_ca}}
-    - ansible.builtin.include_role: {{name: ztmesh_workloads}}
+    - ansible.builtin.include_role: {{name: ztmesh.mesh.ztmesh_ca}}
+    - ansible.builtin.include_role: {{name: ztmesh.mesh.ztmesh_workloads}}
 """
 
 

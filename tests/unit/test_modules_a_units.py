@@ -3,34 +3,16 @@ recorded tool output, validation of names, addresses, VNIs, sysctl keys and pers
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_backend as backend
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_links as links
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_sysctl as sysctl
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-class _RepoModuleUtils(importlib.abc.MetaPathFinder):
-    """Resolve ``ansible.module_utils.ztmesh_*`` to the repo's module_utils, as AnsiballZ does on a node."""
-
-    prefix = "ansible.module_utils.ztmesh_"
-
-    def find_spec(self, fullname, path=None, target=None):
-        if not fullname.startswith(self.prefix):
-            return None
-        source = REPO / "module_utils" / (fullname.rsplit(".", 1)[1] + ".py")
-        return importlib.util.spec_from_file_location(fullname, source) if source.exists() else None
-
-
-if not any(isinstance(f, _RepoModuleUtils) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RepoModuleUtils())
-
-from ansible.module_utils import ztmesh_backend as backend  # noqa: E402
-from ansible.module_utils import ztmesh_links as links  # noqa: E402
-from ansible.module_utils import ztmesh_sysctl as sysctl  # noqa: E402
 
 
 def load_module(name: str):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ansible.module_utils
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "module_utils") not in ansible.module_utils.__path__:
-    ansible.module_utils.__path__.append(str(REPO / "module_utils"))
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_ipset as ips
 
-from ansible.module_utils import ztmesh_ipset as ips  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 SAVE = """create s1 hash:ip family inet hashsize 2048 maxelem 65536 timeout 0 comment bucketsize 12 initval 0
 add s1 10.0.0.2 timeout 0 comment "ztmesh"

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ansible.module_utils
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "module_utils") not in ansible.module_utils.__path__:
-    ansible.module_utils.__path__.append(str(REPO / "module_utils"))
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_routing as rt
 
-from ansible.module_utils import ztmesh_routing as rt  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 NODE_RULES = [
     {"priority": 100, "fwmark": "0x200", "fwmask": "0x200", "goto": 32766},

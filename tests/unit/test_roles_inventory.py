@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-FILTERS = REPO / "playbooks" / "filter_plugins"
+FILTERS = REPO / "filter_plugins"
 
 
 def load_filter(name: str):

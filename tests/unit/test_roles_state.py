@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_filter(name: str):
-    path = REPO / "playbooks/filter_plugins" / f"{name}.py"
+    path = REPO / "filter_plugins" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"h1s_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

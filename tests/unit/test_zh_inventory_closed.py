@@ -23,7 +23,7 @@ ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
 def load_inventory_model():
     spec = importlib.util.spec_from_file_location(
-        "zh_inventory", REPO / "playbooks/filter_plugins/ztmesh_inventory.py")
+        "zh_inventory", REPO / "filter_plugins/ztmesh_inventory.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

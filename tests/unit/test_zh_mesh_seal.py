@@ -26,7 +26,7 @@ from ztproxy.identity.meshstate import parse_placements
 from ztproxy.state import MeshStateError, load_mesh_state, parse_mesh_state_bytes
 
 REPO = Path(__file__).resolve().parents[2]
-FILTERS = REPO / "playbooks" / "filter_plugins"
+FILTERS = REPO / "filter_plugins"
 
 
 def load_filter(name: str):
@@ -133,7 +133,7 @@ def test_ansible_writes_a_sealed_file_that_ztproxy_validates(tmp_path: Path) -> 
                  " 'node2': example.vars | combine(example.hosts.node2),"
                  " 'node3': example.vars | combine(example.hosts.node3)}"
                  " | ztmesh_fleet(['node1', 'node2', 'node3']) }}")}},
-            {"name": "Run the role", "ansible.builtin.include_role": {"name": "ztmesh_state"},
+            {"name": "Run the role", "ansible.builtin.include_role": {"name": "ztmesh.mesh.ztmesh_state"},
              "vars": {"ztmesh_state_file": str(dest),
                       "ztmesh_state_deny_list_file": str(tmp_path / "deny.yaml"),
                       "ztmesh_state_group": "root", "ztmesh_state_validate_python": sys.executable}},

@@ -462,9 +462,21 @@ def _policy(where: _Where, raw: Any, index: WorkloadIndex, node_hosts: Mapping[s
 # ---------------------------------------------------------------------------------------------------
 # Variable names: a misspelled ztmesh_*/ztproxy_* variable is an error, never silently ignored
 
-# This file is playbooks/filter_plugins/ztmesh_inventory.py: the playbooks are one level up, the roles two.
-PLAYBOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-ROLES_DIR = os.path.join(PLAYBOOKS_DIR, os.pardir, "roles")
+
+
+def _content_root() -> str:
+    """The directory that holds roles/ and playbooks/: the collection's root (this file is
+    plugins/module_utils/ztmesh_inventory.py there) or the repository's (module_utils/ztmesh_inventory.py)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+        if all(os.path.isdir(os.path.join(candidate, part)) for part in ("roles", "playbooks")):
+            return candidate
+    raise RuntimeError(f"ztmesh: no roles/ and playbooks/ above {here}: the collection is incomplete")
+
+
+CONTENT_ROOT = _content_root()
+PLAYBOOKS_DIR = os.path.join(CONTENT_ROOT, "playbooks")
+ROLES_DIR = os.path.join(CONTENT_ROOT, "roles")
 VARIABLE_PREFIXES = ("ztmesh_", "ztproxy_")
 _VARIABLE_TOKEN = re.compile(r"\b(?:ztmesh|ztproxy)_[A-Za-z0-9_]+")
 _known_cache: Dict[str, FrozenSet[str]] = {}
