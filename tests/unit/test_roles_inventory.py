@@ -1,10 +1,9 @@
-"""The inventory model (playbooks/filter_plugins/ztmesh_inventory.py): every bad inventory is refused
+"""The inventory model (module_utils/ztmesh_inventory.py): every bad inventory is refused
 with an error naming the host and the variable, before any host is changed; good ones normalize."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,18 +14,11 @@ from typing import Any, Dict, List
 import pytest
 import yaml
 
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_inventory as inventory
+
 REPO = Path(__file__).resolve().parents[2]
-FILTERS = REPO / "filter_plugins"
 
 
-def load_filter(name: str):
-    spec = importlib.util.spec_from_file_location(f"h1_{name}", FILTERS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inventory = load_filter("ztmesh_inventory")
 
 
 def example_hostvars() -> Dict[str, Dict[str, Any]]:

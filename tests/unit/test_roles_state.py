@@ -1,4 +1,4 @@
-"""The mesh state rendered from the inventory (playbooks/filter_plugins/ztmesh_state.py) is ztunnel's
+"""The mesh state rendered from the inventory (module_utils/ztmesh_mesh_state.py) is ztunnel's
 local config format, and ztproxy's own loaders accept it: the mesh state parser, the authorizer and
 the identity service's placement reader. Policies rendered from the inventory decide connections as
 the inventory says."""
@@ -6,13 +6,14 @@ the inventory says."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 from typing import Any, Dict
 
 import pytest
 import yaml
 
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_inventory as inventory
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_mesh_state as renderer
 from ztproxy.authz import Connection, PolicyIndex
 from ztproxy.identity.meshstate import parse_placements
 from ztproxy.state import parse_mesh_state
@@ -20,16 +21,6 @@ from ztproxy.state import parse_mesh_state
 REPO = Path(__file__).resolve().parents[2]
 
 
-def load_filter(name: str):
-    path = REPO / "filter_plugins" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"h1s_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inventory = load_filter("ztmesh_inventory")
-renderer = load_filter("ztmesh_state")
 
 
 def example_hostvars() -> Dict[str, Dict[str, Any]]:

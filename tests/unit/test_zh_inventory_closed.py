@@ -6,7 +6,6 @@ Also here: defect 7's inventory half, a workload in the reserved namespace ztmes
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -17,19 +16,12 @@ from typing import Any, Dict
 import pytest
 import yaml
 
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_inventory as inventory
+
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
 
-def load_inventory_model():
-    spec = importlib.util.spec_from_file_location(
-        "zh_inventory", REPO / "filter_plugins/ztmesh_inventory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inventory = load_inventory_model()
 
 
 def nodes(**host2: Any) -> Dict[str, Dict[str, Any]]:

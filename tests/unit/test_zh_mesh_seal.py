@@ -1,15 +1,14 @@
 """Mesh state integrity (issue 13, defect 9): an empty mesh state file, or one cut short (at an entry
 boundary it is still valid YAML), is refused and the last good state stays in force.
 
-Both sides of the format are exercised: the renderer the role uses (playbooks/filter_plugins/
-ztmesh_state.py, through Ansible itself) and ztproxy's readers (ztproxy/state.py for the proxy,
+Both sides of the format are exercised: the renderer the role uses (module_utils/
+ztmesh_mesh_state.py, through Ansible itself) and ztproxy's readers (ztproxy/state.py for the proxy,
 ztproxy/identity/meshstate.py for the signing service), then the attack against a running proxy: its
 mesh state is replaced by an empty file and by a truncated one while a peer opens HBONE streams."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,23 +20,15 @@ import pytest
 import yaml
 from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_inventory as inventory
+from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_mesh_state as renderer
 from ztproxy import meshseal
 from ztproxy.identity.meshstate import parse_placements
 from ztproxy.state import MeshStateError, load_mesh_state, parse_mesh_state_bytes
 
 REPO = Path(__file__).resolve().parents[2]
-FILTERS = REPO / "filter_plugins"
 
 
-def load_filter(name: str):
-    spec = importlib.util.spec_from_file_location(f"zh_{name}", FILTERS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inventory = load_filter("ztmesh_inventory")
-renderer = load_filter("ztmesh_state")
 
 
 def example_fleet() -> Dict[str, Any]:
@@ -132,7 +123,7 @@ def test_ansible_writes_a_sealed_file_that_ztproxy_validates(tmp_path: Path) -> 
                  "{{ {'node1': example.vars | combine(example.hosts.node1),"
                  " 'node2': example.vars | combine(example.hosts.node2),"
                  " 'node3': example.vars | combine(example.hosts.node3)}"
-                 " | ztmesh_fleet(['node1', 'node2', 'node3']) }}")}},
+                 " | ztmesh.mesh.ztmesh_fleet(['node1', 'node2', 'node3']) }}")}},
             {"name": "Run the role", "ansible.builtin.include_role": {"name": "ztmesh.mesh.ztmesh_state"},
              "vars": {"ztmesh_state_file": str(dest),
                       "ztmesh_state_deny_list_file": str(tmp_path / "deny.yaml"),
@@ -140,7 +131,7 @@ def test_ansible_writes_a_sealed_file_that_ztproxy_validates(tmp_path: Path) -> 
         ],
     }]))
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_FILTER_PLUGINS=str(FILTERS), ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+               ANSIBLE_PYTHON_INTERPRETER=sys.executable,
                PYTHONPATH=str(REPO))
     proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,",
                            "-c", "local", str(playbook)], capture_output=True, text=True, cwd=REPO, env=env,
