@@ -516,7 +516,29 @@ def known_variables() -> FrozenSet[str]:
     return _known_cache["all"]
 
 
+# Names the roles used for a value they share before it had one name (roles/ztmesh_common): an inventory
+# that still sets one is told the name to use, rather than have one role follow it and another not.
+RENAMED_VARIABLES: Dict[str, str] = {
+    "ztproxy_netns": "ztmesh_proxy_netns",
+    "ztproxy_user": "ztmesh_proxy_user", "ztmesh_workloads_owner": "ztmesh_proxy_user",
+    "ztproxy_group": "ztmesh_proxy_group", "ztmesh_workloads_group": "ztmesh_proxy_group",
+    "ztmesh_state_group": "ztmesh_proxy_group", "ztmesh_ca_server_reader_group": "ztmesh_proxy_group",
+    "ztproxy_unit": "ztmesh_proxy_unit", "ztmesh_proxy_service": "ztmesh_proxy_unit",
+    "ztproxy_dataplane_unit": "ztmesh_dataplane_unit", "ztmesh_dataplane_unit_name": "ztmesh_dataplane_unit",
+    "ztmesh_state_file": "ztmesh_mesh_state_path", "ztproxy_mesh_state_file": "ztmesh_mesh_state_path",
+    "ztmesh_ca_server_mesh_state": "ztmesh_mesh_state_path",
+    "ztmesh_state_deny_list_file": "ztmesh_deny_list_path", "ztproxy_deny_list_file": "ztmesh_deny_list_path",
+    "ztmesh_ca_server_deny_list": "ztmesh_deny_list_path",
+    "ztproxy_certs_dir": "ztmesh_certs_dir", "ztmesh_workloads_certs_dir": "ztmesh_certs_dir",
+    "ztproxy_trust_bundle": "ztmesh_trust_bundle", "ztmesh_workloads_trust_bundle": "ztmesh_trust_bundle",
+    "ztproxy_venv": "ztmesh_runtime_dir", "ztmesh_ca_server_runtime": "ztmesh_runtime_dir",
+}
+
+
 def _unknown_message(name: str, known: FrozenSet[str]) -> str:
+    if name in RENAMED_VARIABLES:
+        return (f"unknown variable: it is now {RENAMED_VARIABLES[name]}, one variable every role reads "
+                f"(roles/ztmesh_common); rename it")
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else "no known variable is close to it"
     return (f"unknown variable: {hint} (a misspelled variable is ignored and its setting lost; the "

@@ -101,6 +101,9 @@ def test_ca_rotate_playbook_phases(tmp_path: Path) -> None:
         hosts[node] = {
             "ztmesh_certs_dir": str(certs),
             "ztmesh_trust_bundle": str(certs / "root-cert.pem"),
+            # The files' owner (the proxy's user on a real node): this machine has no user ztproxy.
+            "ztmesh_proxy_user": "root",
+            "ztmesh_proxy_group": "root",
             "ztmesh_workloads": WORKLOADS[node],
         }
     inventory = tmp_path / "inventory.yml"

@@ -83,7 +83,7 @@ def test_every_role_variable_and_rollout_control_is_known(tmp_path) -> None:
                 continue  # built from other variables or facts at run time
             defaults[key] = value
     assert {"ztmesh_tunnel_kind", "ztproxy_settings", "ztmesh_exclude_cidrs", "ztmesh_ca_dir",
-            "ztmesh_state_file", "ztmesh_serial", "ztmesh_rollback_on_failure"} <= known
+            "ztmesh_mesh_state_path", "ztmesh_serial", "ztmesh_rollback_on_failure"} <= known
     assert "ztmesh_policy" not in known
     proc = run(tmp_path, mesh(nodes(), group_vars=defaults), "playbooks/validate.yml",
                "-e", "ztmesh_serial=1", "-e", "ztmesh_max_fail_percentage=0",

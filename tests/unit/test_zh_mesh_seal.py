@@ -125,9 +125,9 @@ def test_ansible_writes_a_sealed_file_that_ztproxy_validates(tmp_path: Path) -> 
                  " 'node3': example.vars | combine(example.hosts.node3)}"
                  " | ztmesh.mesh.ztmesh_fleet(['node1', 'node2', 'node3']) }}")}},
             {"name": "Run the role", "ansible.builtin.include_role": {"name": "ztmesh.mesh.ztmesh_state"},
-             "vars": {"ztmesh_state_file": str(dest),
-                      "ztmesh_state_deny_list_file": str(tmp_path / "deny.yaml"),
-                      "ztmesh_state_group": "root", "ztmesh_state_validate_python": sys.executable}},
+             "vars": {"ztmesh_mesh_state_path": str(dest),
+                      "ztmesh_deny_list_path": str(tmp_path / "deny.yaml"),
+                      "ztmesh_proxy_group": "root", "ztmesh_state_validate_python": sys.executable}},
         ],
     }]))
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
