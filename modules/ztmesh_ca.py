@@ -23,6 +23,18 @@ author:
   - ztmesh contributors (@ztmesh)
 requirements:
   - cryptography >= 3.4 on the controller
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+    details: Reports whether the CA would be created or certificates signed, and writes nothing.
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: none
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: posix
 options:
   ca_dir:
     description: Directory of the CA material.

@@ -28,6 +28,18 @@ author:
   - ztmesh contributors (@ztmesh)
 requirements:
   - cryptography >= 3.4 on the managed node
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: full
+    details: Shows which of the identity's files (key, certificate, trust bundle) change.
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: posix
 options:
   identity:
     description:

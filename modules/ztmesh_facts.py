@@ -21,6 +21,18 @@ requirements:
   - root (the probes create network namespaces)
   - pyroute2 in the Python that runs the module (the ztmesh runtime has it); without it the module fails
     and names the library, not a kernel feature
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+    details: Gathers the same facts; it changes nothing in any mode.
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: none
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: linux
 options:
   netns:
     description:

@@ -18,6 +18,18 @@ description:
   - Desired members are validated for the set type and family, and loaded into a throwaway network
     namespace first, so a bad member fails the task before the live set is touched.
 version_added: "0.1.0"
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: full
+    details: Shows the set's type, options and members before and after.
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: linux
 options:
   name:
     description: Set name, at most 31 characters.

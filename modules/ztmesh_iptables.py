@@ -18,6 +18,18 @@ description:
     read back, which validates them and gives the exact form C(iptables-save) prints; the live table is
     compared with that form, so a second run reports no change.
 version_added: "0.1.0"
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: full
+    details: Shows the owned chains and jumps before and after, in iptables-save form.
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: linux
 options:
   table:
     description: Table holding the chains.

@@ -21,6 +21,18 @@ author:
 requirements:
   - pyroute2 on the managed node
   - root (CAP_SYS_ADMIN to create and enter namespaces, CAP_NET_ADMIN for links)
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: full
+    details: Shows the namespace and the veth pair before and after.
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: linux
 options:
   name:
     description: Namespace name; the namespace is C(/run/netns/<name>).

@@ -18,6 +18,18 @@ description:
   - Validates everything (devices exist, gateways reachable, marks with masks) before the first change.
   - Uses pyroute2 (netlink); IPv6 rules and routes are never touched.
 version_added: "0.1.0"
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: full
+    details: Shows the owned rules and routes before and after.
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: linux
 options:
   rules:
     description: Rules of the owned priority range.

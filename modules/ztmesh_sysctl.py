@@ -23,6 +23,18 @@ author:
   - ztmesh contributors (@ztmesh)
 requirements:
   - root
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: full
+    details: Shows each parameter's value before and after.
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: linux
 options:
   sysctls:
     description:

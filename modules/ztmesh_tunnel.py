@@ -24,6 +24,18 @@ author:
 requirements:
   - pyroute2 on the managed node
   - root (CAP_NET_ADMIN, and CAP_SYS_ADMIN to enter O(netns))
+attributes:
+  check_mode:
+    description: Can run in check mode and return the changed status it predicts without changing the target.
+    support: full
+  diff_mode:
+    description: Returns details on what has changed (or would change in check mode) when in diff mode.
+    support: full
+    details: Shows the link's attributes before and after.
+  platform:
+    description: Target operating systems the module works on.
+    support: full
+    platforms: linux
 options:
   name:
     description: Link name, at most 15 characters.
