@@ -90,7 +90,8 @@ def test_boot_script_rebuilds_exactly_what_the_modules_built(node, tmp_path):
     # the modules agree: nothing to change after the script, except the unit file that the uninstall
     # above removed from the (test's) systemd directory
     changed = run_role(node)["changed_tasks"]
-    assert changed == ["ztmesh_node : Install the systemd unit that rebuilds the data plane at boot"], changed
+    unit_task = "ztmesh.mesh.ztmesh_node : Install the systemd unit that rebuilds the data plane at boot"
+    assert changed == [unit_task], changed
 
 
 def test_uninstall_leaves_the_node_as_it_was(node):
