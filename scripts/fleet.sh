@@ -4,13 +4,16 @@
 # Usage: scripts/fleet.sh up|down|status
 #   up      build the node image if needed, create the network ztmesh-demo (10.89.77.0/24) and the
 #           nodes ztmesh-node1..3 (10.89.77.11-13; systemd as PID 1, privileged), wait until
-#           systemd runs in each, and write the Ansible inventory .cache/demo/inventory.yml.
+#           systemd runs in each, authorize the demo's SSH key for root on each, and write the
+#           Ansible inventory .cache/demo/inventory.yml with the nodes' SSH host keys.
 #           Running nodes are kept as they are: `up` is safe to repeat.
-#   down    remove the nodes, the network and the inventory
+#   down    remove the nodes, the network, the inventory and the demo's SSH key
 #   status  show each node's state, address and systemd state
 #
 # Then: ansible-playbook -i .cache/demo/inventory.yml playbooks/mesh.yml
-# The nodes are reached with podman (connection containers.podman.podman), not SSH.
+# The nodes are reached over SSH, as real nodes are: root with the key .cache/demo/ssh/id_ed25519,
+# host keys pinned in .cache/demo/ssh/known_hosts (read from each node through podman, not from the
+# network, so the first connection is verified too).
 # Environment: CONTAINERS_CONF (default: the repo's podman/containers.conf). Needs root and podman.
 set -euo pipefail
 
@@ -27,6 +30,9 @@ NODES=(node1 node2 node3)
 declare -A NODE_ADDRESS=([node1]=10.89.77.11 [node2]=10.89.77.12 [node3]=10.89.77.13)
 CONTAINER_PREFIX="ztmesh-"
 INVENTORY="$REPO/.cache/demo/inventory.yml"
+SSH_DIR="$REPO/.cache/demo/ssh"
+SSH_KEY="$SSH_DIR/id_ed25519"
+KNOWN_HOSTS="$SSH_DIR/known_hosts"
 BOOT_TIMEOUT=90
 
 log() { printf 'fleet: %s\n' "$*" >&2; }
@@ -46,8 +52,10 @@ all:
   children:
     ztmesh_nodes:
       vars:
-        # Nodes are containers: Ansible talks to them through podman, not SSH.
-        ansible_connection: containers.podman.podman
+        # Over SSH, as real nodes: the demo's key, the host keys scripts/fleet.sh read from the nodes.
+        ansible_user: root
+        ansible_ssh_private_key_file: $SSH_KEY
+        ansible_ssh_common_args: -o UserKnownHostsFile=$KNOWN_HOSTS -o StrictHostKeyChecking=yes
         ansible_python_interpreter: /usr/bin/python3
         ztmesh_trust_domain: cluster.local
         # The host kernel (shared by the containers) has no Geneve.
@@ -70,7 +78,7 @@ all:
                         destination_ports: [8080]
       hosts:
         node1:
-          ansible_host: $(container_of node1)
+          ansible_host: ${NODE_ADDRESS[node1]}
           ztmesh_workloads:
             - name: web
               kind: host
@@ -79,7 +87,7 @@ all:
               service_account: web
               ports: [8080]
         node2:
-          ansible_host: $(container_of node2)
+          ansible_host: ${NODE_ADDRESS[node2]}
           ztmesh_workloads:
             - name: web
               kind: host
@@ -88,7 +96,7 @@ all:
               service_account: web
               ports: [8080]
         node3:
-          ansible_host: $(container_of node3)
+          ansible_host: ${NODE_ADDRESS[node3]}
           ztmesh_workloads:
             - name: client
               kind: host
@@ -167,6 +175,24 @@ wait_for_boot() {
     fi
 }
 
+# Authorize the demo's key for root on a node and pin the node's host key. The host key is read
+# through podman (a channel the demo trusts), so SSH verifies even the first connection. sshd makes
+# its host keys at its first start (scripts/build-image.sh): wait until it has.
+authorize_ssh() {
+    local node="$1" container key="" deadline=$((SECONDS + BOOT_TIMEOUT))
+    container="$(container_of "$node")"
+    podman exec -i "$container" sh -c 'umask 077 && mkdir -p /root/.ssh && cat > /root/.ssh/authorized_keys' \
+        <"$SSH_KEY.pub"
+    while ((SECONDS < deadline)); do
+        key="$(podman exec "$container" cat /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null || true)"
+        [[ -n "$key" ]] && podman exec "$container" systemctl is-active --quiet ssh.service && break
+        key=""
+        sleep 1
+    done
+    [[ -n "$key" ]] || die "$container: sshd is not running after ${BOOT_TIMEOUT} s (podman exec $container systemctl status ssh)"
+    printf '%s %s\n' "${NODE_ADDRESS[$node]}" "$(cut -d' ' -f1,2 <<<"$key")" >>"$KNOWN_HOSTS.tmp"
+}
+
 cmd_up() {
     require_root_and_podman
     "$REPO/scripts/build-image.sh"
@@ -178,6 +204,14 @@ cmd_up() {
     for node in "${NODES[@]}"; do
         wait_for_boot "$(container_of "$node")"
     done
+    command -v ssh >/dev/null || die "the ssh client is missing: apt-get install openssh-client"
+    mkdir -p "$SSH_DIR" && chmod 700 "$SSH_DIR"
+    [[ -f "$SSH_KEY" ]] || ssh-keygen -q -t ed25519 -N '' -C "ztmesh demo" -f "$SSH_KEY"
+    rm -f "$KNOWN_HOSTS.tmp"
+    for node in "${NODES[@]}"; do
+        authorize_ssh "$node"
+    done
+    mv "$KNOWN_HOSTS.tmp" "$KNOWN_HOSTS"
     write_inventory
     cmd_status
 }
@@ -198,6 +232,7 @@ cmd_down() {
         log "network $NETWORK removed"
     fi
     rm -f "$INVENTORY"
+    rm -rf "$SSH_DIR"
 }
 
 cmd_status() {

@@ -13,6 +13,7 @@ APT_PACKAGES=(
     podman runc uidmap slirp4netns fuse-overlayfs
     debootstrap qemu-system-x86 e2fsprogs dpkg-dev
     stunnel4 haproxy iperf3 tcpdump dnsutils socat netcat-openbsd curl openssl ca-certificates
+    openssh-client
 )
 
 log() { printf '[setup] %s\n' "$*"; }

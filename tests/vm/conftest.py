@@ -49,10 +49,13 @@ class VM:
         )
         return path
 
-    def playbook(self, playbook: Path, inventory: Path, *extra: str, timeout: int = 900
+    def playbook(self, playbook: Path, inventory: Path, *extra: str, timeout: int = 900, json: bool = False
                  ) -> subprocess.CompletedProcess:
+        """Run a playbook against the VM; with json=True its output is the json callback's report."""
         env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                    ANSIBLE_HOST_KEY_CHECKING="False")
+        if json:
+            env.update(ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
         argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), str(playbook),
                 *extra]
         return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
