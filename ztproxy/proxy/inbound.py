@@ -248,27 +248,13 @@ class HboneListener:
             return
         # The per-peer cap counts from the accept, handshakes included: a peer cannot hold more than
         # max_connections_per_peer TLS sessions (and their buffers) at once, whatever state they are in.
-        counts = pi.connections.peer_connections
         cap = pi.settings.max_connections_per_peer
-        if counts.get(peer[0], 0) >= cap:
+        release = pi.connections.hbone_peers.admit(peer[0], cap)
+        if release is None:
             log.warning("inbound HBONE from %s refused: it already has %d connections "
                         "(max_connections_per_peer)", peer[0], cap)
             reset(sock)
             return
-        counts[peer[0]] = counts.get(peer[0], 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            left = counts.get(peer[0], 1) - 1
-            if left > 0:
-                counts[peer[0]] = left
-            else:
-                counts.pop(peer[0], None)
-
         session = HboneServerSession(pi, dst)
         session.on_closed = release
         loop = asyncio.get_event_loop()
