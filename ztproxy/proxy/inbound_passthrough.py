@@ -52,7 +52,8 @@ class PlaintextInboundHandler:
         try:
             dst_ip, dst_port = original_destination(sock)
         except OSError as exc:
-            log.warning("inbound plaintext from %s: cannot read the original destination: %s", peer, exc)
+            log.warning("inbound plaintext from %s: cannot read the original destination: %s", peer,
+                        str(exc))  # a string: a kept record must not pin the connection (h2/session.py)
             reset(sock)
             return False
         state = pi.state()
@@ -77,7 +78,7 @@ class PlaintextInboundHandler:
         try:
             await connect_upstream(pi.settings, (dst_ip, dst_port), peer[0], lambda: relay.server)
         except OSError as exc:
-            log.info("inbound plaintext %s -> %s:%d: connect failed: %s", peer[0], dst_ip, dst_port, exc)
+            log.info("inbound plaintext %s -> %s:%d: connect failed: %s", peer[0], dst_ip, dst_port, str(exc))
             relay.tracker.closed(Failure(Reason.CONNECT_FAILED, f"connect failed: {exc}"))
             reset(sock)
             return False
