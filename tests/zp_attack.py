@@ -47,7 +47,8 @@ HBONE = (SERVER_IP, 15008)
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Settings added with the limits of issue 13 (left out when measuring an older tree)
 NEW_SETTINGS = ("max_header_list_size", "header_timeout", "preface_timeout", "idle_timeout",
-                "max_connections_per_peer", "max_stream_resets", "connection_write_buffer")
+                "max_connections_per_peer", "max_stream_resets", "connection_write_buffer",
+                "max_plaintext_connections_per_peer")
 # HTTP/2 error codes the tests look for
 ENHANCE_YOUR_CALM, REFUSED_STREAM, SETTINGS_TIMEOUT = 0xB, 0x7, 0x4
 

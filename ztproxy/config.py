@@ -71,6 +71,10 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 # Inbound HBONE connections (TLS handshakes included) from one source address at once. A busy peer
 # needs one per (source identity, destination identity) per 100 streams.
 DEFAULT_MAX_CONNECTIONS_PER_PEER = 256
+# Inbound plaintext connections (port 15006, clients outside the mesh) from one source address at once.
+# Each holds two file descriptors (the client's socket and the upstream one) and a relay: without a cap
+# one address could use up the proxy's file descriptors and starve every other client.
+DEFAULT_MAX_PLAINTEXT_CONNECTIONS_PER_PEER = 256
 # Streams the peer may reset per connection within STREAM_RESET_WINDOW seconds before the connection
 # is closed with GOAWAY ENHANCE_YOUR_CALM (CVE-2023-44487, as nginx, h2o and Go bound it).
 DEFAULT_MAX_STREAM_RESETS = 200
@@ -188,6 +192,7 @@ class Settings:
     preface_timeout: float = DEFAULT_PREFACE_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    max_plaintext_connections_per_peer: int = DEFAULT_MAX_PLAINTEXT_CONNECTIONS_PER_PEER
     max_stream_resets: int = DEFAULT_MAX_STREAM_RESETS
     connection_write_buffer: int = DEFAULT_CONNECTION_WRITE_BUFFER
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
@@ -408,6 +413,7 @@ _TOP_KEYS: Dict[str, Checker] = {
     "preface_timeout": _seconds(0.1, 300),
     "idle_timeout": _seconds(1, 86400),
     "max_connections_per_peer": _int_range(1, 100000),
+    "max_plaintext_connections_per_peer": _int_range(1, 100000),
     "max_stream_resets": _int_range(1, 100000),
     "connection_write_buffer": _int_range(16384, 64 << 20),
     "drain_timeout": _seconds(0, 3600),

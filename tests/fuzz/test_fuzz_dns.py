@@ -14,7 +14,7 @@ import dns.asyncquery
 import dns.flags
 import dns.message
 import pytest
-from conftest import EXAMPLES, rss_bytes
+from conftest import EXAMPLES, Replay
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -90,20 +90,25 @@ def queries(draw) -> bytes:
     return bytes(wire) + draw(st.binary(max_size=8))
 
 
+def _query(proxy: Fixture, wire: bytes, protocol: str) -> None:
+    assert proxy.handle(wire, "203.0.113.5", protocol) is None  # a stranger: nothing at all
+    answer = proxy.handle(wire, "127.0.0.1", protocol)
+    if answer is not None:
+        assert isinstance(answer, bytes) and len(answer) >= 2
+        if protocol == "udp":
+            assert len(answer) <= 65535
+
+
 @pytest.mark.timeout(3600)
 def test_generated_queries(proxy: Fixture) -> None:
-    before = rss_bytes()
     inputs = []
+    replay = Replay(limit=20000)
 
     @given(wire=queries(), protocol=st.sampled_from(["udp", "tcp"]))
     def one(wire: bytes, protocol: str) -> None:
         inputs.append(len(wire))
-        assert proxy.handle(wire, "203.0.113.5", protocol) is None  # a stranger: nothing at all
-        answer = proxy.handle(wire, "127.0.0.1", protocol)
-        if answer is not None:
-            assert isinstance(answer, bytes) and len(answer) >= 2
-            if protocol == "udp":
-                assert len(answer) <= 65535
+        replay.add(wire, protocol)
+        _query(proxy, wire, protocol)
 
     one()
     assert len(inputs) >= EXAMPLES, f"only {len(inputs)} inputs were generated"
@@ -112,4 +117,5 @@ def test_generated_queries(proxy: Fixture) -> None:
     response = proxy.loop.run_until_complete(
         dns.asyncquery.udp(query, "127.0.0.1", port=proxy.port, timeout=5))
     assert [r.to_text() for rrset in response.answer for r in rrset] == ["10.96.0.10"]
-    assert rss_bytes() - before < 100 * 2**20
+    grown, replayed = replay.growth(lambda wire, protocol: _query(proxy, wire, protocol))
+    assert grown < 100 * 2**20, f"memory grew by {grown / 2**20:.0f} MiB over {replayed} replayed queries"

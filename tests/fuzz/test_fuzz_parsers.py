@@ -7,7 +7,7 @@ naming what is wrong: never another exception. A valid state must still load aft
 from __future__ import annotations
 
 import yaml
-from conftest import rss_bytes
+from conftest import Replay, rss_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -59,8 +59,13 @@ def _parse_state(raw: bytes) -> None:
         assert str(exc)
 
 
+# The inputs of the runs below, replayed without Hypothesis by the memory test (conftest.Replay).
+STATE_INPUTS, SETTINGS_INPUTS = Replay(limit=20000), Replay(limit=20000)
+
+
 @given(raw=st.binary(max_size=400))
 def test_mesh_state_from_arbitrary_bytes(raw: bytes) -> None:
+    STATE_INPUTS.add(raw)
     _parse_state(raw)
 
 
@@ -68,8 +73,9 @@ def test_mesh_state_from_arbitrary_bytes(raw: bytes) -> None:
 def test_mesh_state_from_generated_documents(document, sealed: bool, cut: int) -> None:
     text = yaml.safe_dump(document, sort_keys=True)
     raw = (meshseal.seal(text) if sealed else text).encode()
-    _parse_state(raw)
-    _parse_state(raw[:cut % (len(raw) + 1)])
+    for piece in (raw, raw[:cut % (len(raw) + 1)]):
+        STATE_INPUTS.add(piece)
+        _parse_state(piece)
 
 
 settings_keys = {
@@ -87,6 +93,11 @@ settings_keys = {
 
 @given(data=st.one_of(values, st.fixed_dictionaries({}, optional=settings_keys)))
 def test_settings_from_generated_documents(data) -> None:
+    SETTINGS_INPUTS.add(data)
+    _parse_settings(data)
+
+
+def _parse_settings(data) -> None:
     try:
         settings_from_dict(data)
     except ConfigError as exc:
@@ -94,10 +105,11 @@ def test_settings_from_generated_documents(data) -> None:
 
 
 def test_parsers_still_work_and_memory_is_bounded() -> None:
+    assert STATE_INPUTS.inputs and SETTINGS_INPUTS.inputs, "runs after the fuzz tests above"
     before = rss_bytes()
-    test_mesh_state_from_arbitrary_bytes()
-    test_mesh_state_from_generated_documents()
-    test_settings_from_generated_documents()
+    for replay, feed in ((STATE_INPUTS, _parse_state), (SETTINGS_INPUTS, _parse_settings)):
+        grown, replayed = replay.growth(feed)
+        assert grown < 100 * 2**20, f"{feed.__name__}: memory grew by {grown / 2**20:.0f} MiB over {replayed}"
     good = meshseal.seal("workloads:\n- {name: a, namespace: x, workloadIps: [10.0.0.1], node: n1}\n")
     assert len(parse_mesh_state_bytes(good.encode(), "cluster.local").workloads) == 1
     assert settings_from_dict({"node_name": "n1"}).node_name == "n1"

@@ -132,6 +132,24 @@ def test_an_unknown_tunnel_kind_is_one_line_per_host(tmp_path) -> None:
     assert len(out) < 6000, len(out)  # was 8,674 characters of argument spec per host
 
 
+@pytest.mark.timeout(200)
+def test_the_proxy_expose_switch_is_checked_up_front(tmp_path) -> None:
+    """ztmesh_proxy_expose names listeners (admin is never one); its source networks are CIDRs."""
+    proc = run(tmp_path, mesh(nodes(ztmesh_proxy_expose=["metrics", "admin"],
+                                    ztmesh_proxy_expose_cidrs=["10.0.0.0/33"])))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "host n2: ztmesh_proxy_expose_cidrs[0]: '10.0.0.0/33' is not an IPv4 network" in out, out
+    proc = run(tmp_path, mesh(nodes(ztmesh_proxy_expose=["metrics", "admin"])))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("host n2: role ztmesh_node: value of ztmesh_proxy_expose must be one or more of: metrics, "
+            "readiness. Got no match for: admin") in out, out
+    good = run(tmp_path, mesh(nodes(), group_vars={"ztmesh_proxy_expose": ["metrics", "readiness"],
+                                                   "ztmesh_proxy_expose_cidrs": ["10.20.0.0/16"]}))
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("account", ["node-n1", "ztmesh-ca"])
 def test_the_reserved_namespace_is_refused(tmp_path, account) -> None:

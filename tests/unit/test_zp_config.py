@@ -76,7 +76,8 @@ def test_limits_against_hostile_peers_have_defaults_and_checked_values() -> None
     settings = settings_from_dict({"node_name": "node-a"})
     assert (settings.max_header_list_size, settings.header_timeout, settings.preface_timeout,
             settings.idle_timeout, settings.max_connections_per_peer, settings.max_stream_resets,
-            settings.connection_write_buffer) == (16384, 10.0, 10.0, 600.0, 256, 200, 1 << 20)
+            settings.connection_write_buffer, settings.max_plaintext_connections_per_peer) == (
+                16384, 10.0, 10.0, 600.0, 256, 200, 1 << 20, 256)
     tuned = settings_from_dict({"node_name": "node-a", "max_header_list_size": 4096, "header_timeout": 2,
                                 "preface_timeout": 3, "idle_timeout": 60, "max_connections_per_peer": 10,
                                 "max_stream_resets": 50, "connection_write_buffer": 65536})
@@ -86,6 +87,7 @@ def test_limits_against_hostile_peers_have_defaults_and_checked_values() -> None
                                ("preface_timeout", "10s", "a number of seconds from 0.1 to 300"),
                                ("idle_timeout", 0.5, "a number of seconds from 1 to 86400"),
                                ("max_connections_per_peer", 0, "an integer from 1 to 100000"),
+                               ("max_plaintext_connections_per_peer", 0, "an integer from 1 to 100000"),
                                ("max_stream_resets", True, "an integer from 1 to 100000"),
                                ("connection_write_buffer", 1024, "an integer from 16384 to 67108864")):
         with pytest.raises(ConfigError) as err:

@@ -16,6 +16,8 @@ import socket
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import pytest
+
 from ztproxy.hooks import Failure, Reason
 from ztproxy.proxy import copy
 from ztproxy.proxy.h2.session import H2Session, StreamHandler
@@ -155,6 +157,49 @@ def test_a_pump_moves_bytes_through_any_carrier_and_ends_with_a_typed_failure() 
         app_side.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_a_pump_started_on_a_backlogged_connection_stops_reading_its_socket(loop_kind: str) -> None:
+    """Issue 13, slow reader: a pump whose carrier is already write_paused when the stream starts
+    must not read its TCP socket (beyond what was read before the pause), on both event loops, although
+    the window would take everything. The pump used to pause in connection_made, which neither loop
+    honours there, and then believed the socket paused while the loop kept reading it."""
+
+    async def run() -> int:
+        loop = asyncio.get_event_loop()
+        app_side, proxy_side = socket.socketpair()
+        app_side.setblocking(False)
+        carrier, tracker = FakeCarrier(window=1 << 30), Tracker()
+        carrier.write_paused = True  # the TLS connection is backlogged before the stream starts
+        pump = copy.StreamPump(tracker, tcp_is_client=True)
+        pump.bind_stream(carrier, 1)
+        transport, _ = await loop.connect_accepted_socket(lambda: pump, proxy_side)
+        pump.attach_tcp(transport)
+        pump.start()
+        chunk = b"x" * 65536
+        deadline = loop.time() + 1.0
+        while loop.time() < deadline:  # an endless sender: whatever the socket buffers take
+            try:
+                app_side.send(chunk)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+            else:
+                await asyncio.sleep(0)
+        received = tracker.received
+        transport.abort()
+        app_side.close()
+        return received
+
+    if loop_kind == "uvloop":
+        import uvloop
+
+        received = uvloop.run(run())
+    else:
+        received = asyncio.run(run())
+    # Nothing at all is read once paused; before the fix the pump read (and sent) everything the
+    # sender wrote in that second, hundreds of MiB.
+    assert received <= 1 << 20, f"{received} bytes read from the socket of a paused stream"
 
 
 def test_handlers_receive_inputs_and_never_import_the_proxy() -> None:

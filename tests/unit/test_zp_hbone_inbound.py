@@ -6,8 +6,11 @@ workload 127.0.0.2 (node-b)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import hashlib
+import logging
 import os
 import select
 import socket
@@ -343,3 +346,46 @@ def test_mesh_state_reload_keeps_live_connections(files, echo, tmp_path) -> None
             assert bytes(client.data[live]) == b"alive"
     finally:
         new_target.close()
+
+
+class _KeepRecords(logging.Handler):
+    """A handler that keeps every record, as a queue under load or a test's log capture does."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_kept_log_record_does_not_pin_a_closed_connection(files, tmp_path) -> None:
+    """The long fuzz run of issue 13 grew to 3.7 GB: each connection closed for a protocol error left
+    a warning whose record held the exception, its traceback, and through the frames the whole
+    connection (about 400 KiB). Records a peer can cause carry strings only."""
+    keep = _KeepRecords()
+    logging.getLogger().addHandler(keep)
+    try:
+        with ProxyThread(files.settings(log_level="info")) as app:
+            ctx = client_tls_context(files.issue("default", "client"), files.bundle, tmp_path)
+            for _ in range(20):
+                raw = socket.create_connection((SERVER_IP, app.port("inbound")), timeout=10)
+                with ctx.wrap_socket(raw, server_hostname=None) as sock:
+                    # the preface, then DATA on stream 0: a connection error (GOAWAY, close)
+                    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+                                 + b"\x00\x00\x06\x00\x00\x00\x00\x00\x00abcdef")
+                    with contextlib.suppress(OSError):
+                        while sock.recv(65536):
+                            pass
+            deadline = time.monotonic() + 10
+            while "HTTP/2 protocol error" not in " ".join(r.getMessage() for r in keep.records):
+                assert time.monotonic() < deadline, "no protocol error was logged"
+                time.sleep(0.05)
+        gc.collect()
+        pinned = [arg for record in keep.records for arg in (record.args or ())
+                  if isinstance(arg, BaseException)]
+        assert not pinned, pinned[:3]
+        sessions = [o for o in gc.get_objects() if type(o).__name__ == "HboneServerSession"]
+        assert not sessions, f"{len(sessions)} closed HBONE sessions still alive"
+    finally:
+        logging.getLogger().removeHandler(keep)

@@ -1,12 +1,13 @@
 """What the proxy keeps of the connections it serves, for graceful drain (ztunnel's connection manager):
 the proxied connections (pumps and relays) still open, the tasks that handle them, the inbound HBONE
-sessions and the per-peer count of inbound HBONE connections (``max_connections_per_peer``)."""
+sessions and the per-peer counts of inbound connections: HBONE (``max_connections_per_peer``) and
+plaintext (``max_plaintext_connections_per_peer``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Coroutine, Dict, List, Optional, Set
+from typing import Any, Callable, Coroutine, Dict, List, Optional, Set
 
 from ztproxy.hooks import Failure
 from ztproxy.proxy.h2.session import H2Session
@@ -14,10 +15,41 @@ from ztproxy.proxy.h2.session import H2Session
 log = logging.getLogger("ztproxy")
 
 
+class PeerCounter:
+    """Connections open per source address on one kind of listener, against a cap.
+
+    A connection counts from its accept until the release its admission returned is called (once is
+    enough; later calls do nothing), so the cap holds whatever state the connection is in."""
+
+    def __init__(self) -> None:
+        self.counts: Dict[str, int] = {}
+
+    def admit(self, address: str, cap: int) -> Optional[Callable[[], None]]:
+        """Count one more connection from ``address``; None when it already has ``cap``."""
+        if self.counts.get(address, 0) >= cap:
+            return None
+        self.counts[address] = self.counts.get(address, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self.counts.get(address, 1) - 1
+            if left > 0:
+                self.counts[address] = left
+            else:
+                self.counts.pop(address, None)  # no entry per address ever seen: the map stays small
+
+        return release
+
+
 class ConnectionManager:
     def __init__(self) -> None:
-        # Inbound HBONE connections per peer address, TLS handshakes included.
-        self.peer_connections: Dict[str, int] = {}
+        # Inbound connections per peer address: HBONE (TLS handshakes included) and plaintext (15006).
+        self.hbone_peers = PeerCounter()
+        self.plaintext_peers = PeerCounter()
         self.server_sessions: Set[H2Session] = set()
         self._active: Set[Any] = set()
         self._tasks: Set[asyncio.Task] = set()

@@ -125,7 +125,6 @@ class StreamPump(asyncio.Protocol):
         self._early: List[bytes] = []  # HTTP/2 data that arrived before the TCP side was connected
         self._unacked = 0
         self._tcp_write_blocked = False
-        self._tcp_reading = True
         self._tcp_eof = False
         self._end_sent = False
         self._end_received = False
@@ -150,9 +149,9 @@ class StreamPump(asyncio.Protocol):
         # Zero limits: pause_writing() fires as soon as anything is buffered, resume_writing() when the
         # socket took everything; acknowledgements follow that (see module docstring).
         transport.set_write_buffer_limits(high=0, low=0)
-        if self._tcp_reading:
-            transport.pause_reading()
-            self._tcp_reading = False
+        # Paused here, not in connection_made: by now the loop has started reading (see there), so this
+        # pause sticks and is_reading() tells the truth from now on.
+        transport.pause_reading()
         for chunk in self._early:
             transport.write(chunk)
         self._early.clear()
@@ -169,17 +168,20 @@ class StreamPump(asyncio.Protocol):
     # -- TCP side (asyncio.Protocol) ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # No pause here: neither loop honours one made in connection_made. uvloop starts reading right
+        # after connection_made returns; asyncio before 3.12 adds its reader anyway and then ignores
+        # pause_reading() (it believes it is paused). The transport then read while the pump thought it
+        # paused, and a stream started on a backlogged TLS connection read its upstream at full speed
+        # into the proxy's memory (issue 13, slow reader: 0.5 GB in seconds). attach_tcp pauses instead,
+        # and data_received below holds anything read before that.
         self._transport = transport
-        transport.pause_reading()  # type: ignore[attr-defined]  # nothing flows before the stream is up
-        self._tcp_reading = False
 
     def data_received(self, data: bytes) -> None:
         self._count_tcp_in(len(data))
         self._pending.append(memoryview(data))
         if not self._active:
-            # Python < 3.12 may read before the stream is up despite the pause in connection_made.
+            # Read before the stream is up: hold it (one read at most) and stop until start().
             self._transport.pause_reading()  # type: ignore[union-attr]
-            self._tcp_reading = False
             return
         self._send_pending()
 
@@ -311,12 +313,13 @@ class StreamPump(asyncio.Protocol):
             return
         want = (self._active and not self._pending and not self._tcp_eof
                 and self.session is not None and not self.session.write_paused)
-        if want and not self._tcp_reading:
+        # The transport's own state, never a copy of it: a flag of ours drifted from the loop's (see
+        # connection_made) and a stream then never paused its upstream.
+        reading = tcp.is_reading()
+        if want and not reading:
             tcp.resume_reading()
-            self._tcp_reading = True
-        elif not want and self._tcp_reading:
+        elif not want and reading:
             tcp.pause_reading()
-            self._tcp_reading = False
 
     def _write_eof(self) -> None:
         tcp = self.tcp
@@ -363,9 +366,8 @@ class _RelaySide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)  # type: ignore[attr-defined]
-        # Python < 3.12 starts reading right after connection_made even when paused here, so
-        # data_received also holds and pauses until the relay starts.
-        transport.pause_reading()  # type: ignore[attr-defined]
+        # No pause here (StreamPump.connection_made says why it would not stick): data_received holds
+        # the first read and pauses until the relay starts.
 
     def data_received(self, data: bytes) -> None:
         if self.is_client:

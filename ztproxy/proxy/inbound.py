@@ -206,7 +206,8 @@ class HboneServerSession(H2ServerSession):
         except asyncio.CancelledError:
             return  # the stream was reset meanwhile; connect_upstream closed its socket
         except OSError as exc:
-            log.info("HBONE stream %d: upstream %s:%d connect failed: %s", sid, ctx.dst_ip, ctx.dst_port, exc)
+            log.info("HBONE stream %d: upstream %s:%d connect failed: %s", sid, ctx.dst_ip, ctx.dst_port,
+                     str(exc))  # a string: a kept record must not pin the connection (h2/session.py)
             self.pumps.pop(sid, None)
             self.respond(sid, 503, end=True)
             pump.abort(Failure(Reason.CONNECT_FAILED, f"upstream connect failed: {exc}"))
@@ -231,7 +232,7 @@ class HboneListener:
         try:
             dst = original_destination(sock)
         except OSError as exc:
-            log.warning("inbound HBONE from %s: cannot read the destination address: %s", peer, exc)
+            log.warning("inbound HBONE from %s: cannot read the destination address: %s", peer, str(exc))
             reset(sock)
             return
         workload = pi.state().local_workload_by_ip(dst[0], pi.settings.node_name)
@@ -248,27 +249,13 @@ class HboneListener:
             return
         # The per-peer cap counts from the accept, handshakes included: a peer cannot hold more than
         # max_connections_per_peer TLS sessions (and their buffers) at once, whatever state they are in.
-        counts = pi.connections.peer_connections
         cap = pi.settings.max_connections_per_peer
-        if counts.get(peer[0], 0) >= cap:
+        release = pi.connections.hbone_peers.admit(peer[0], cap)
+        if release is None:
             log.warning("inbound HBONE from %s refused: it already has %d connections "
                         "(max_connections_per_peer)", peer[0], cap)
             reset(sock)
             return
-        counts[peer[0]] = counts.get(peer[0], 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            left = counts.get(peer[0], 1) - 1
-            if left > 0:
-                counts[peer[0]] = left
-            else:
-                counts.pop(peer[0], None)
-
         session = HboneServerSession(pi, dst)
         session.on_closed = release
         loop = asyncio.get_event_loop()
@@ -276,7 +263,8 @@ class HboneListener:
             await loop.connect_accepted_socket(lambda: session, sock, ssl=contexts.server,
                                                ssl_handshake_timeout=pi.settings.tls_handshake_timeout)
         except (ssl.SSLError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
-            log.info("inbound HBONE TLS handshake with %s failed: %s", peer[0], exc or type(exc).__name__)
+            log.info("inbound HBONE TLS handshake with %s failed: %s", peer[0],
+                     str(exc) or type(exc).__name__)
             release()
             reset(sock)
         except BaseException:

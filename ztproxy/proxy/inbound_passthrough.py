@@ -3,13 +3,17 @@
 The connection has no identity, so it is authorized as such (a policy that requires an identity denies
 it); a denied connection is closed. Allowed ones are relayed to the target, keeping the client's source
 address when ``preserve_source`` is on.
+
+One source address holds at most ``max_plaintext_connections_per_peer`` of them at once, counted from the
+accept to the end of the relay: past that, a new connection is reset at accept, before the proxy reads
+anything or opens an upstream socket for it.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import Tuple
+from typing import Callable, Tuple
 
 from ztproxy.hooks import ConnContext, Failure, Reason
 from ztproxy.proxy.copy import TcpRelay
@@ -27,19 +31,38 @@ class PlaintextInboundHandler:
 
     async def handle(self, sock: socket.socket, peer: Tuple) -> None:
         pi = self.inputs
+        cap = pi.settings.max_plaintext_connections_per_peer
+        release = pi.connections.plaintext_peers.admit(peer[0], cap)
+        if release is None:
+            log.warning("inbound plaintext from %s refused: it already has %d connections "
+                        "(max_plaintext_connections_per_peer)", peer[0], cap)
+            reset(sock)
+            return
+        handed_over = False
+        try:
+            handed_over = await self._serve(sock, peer, release)
+        finally:
+            if not handed_over:  # refused, failed or cancelled before a relay took the slot over
+                release()
+
+    async def _serve(self, sock: socket.socket, peer: Tuple, release: Callable[[], None]) -> bool:
+        """Authorize and relay one connection; True once the relay owns ``release`` (it frees the
+        per-peer slot when it ends)."""
+        pi = self.inputs
         try:
             dst_ip, dst_port = original_destination(sock)
         except OSError as exc:
-            log.warning("inbound plaintext from %s: cannot read the original destination: %s", peer, exc)
+            log.warning("inbound plaintext from %s: cannot read the original destination: %s", peer,
+                        str(exc))  # a string: a kept record must not pin the connection (h2/session.py)
             reset(sock)
-            return
+            return False
         state = pi.state()
         target = state.local_workload_by_ip(dst_ip, pi.settings.node_name)
         if target is None:
             log.info("inbound plaintext %s -> %s:%d: not a workload on this node; refused", peer[0],
                      dst_ip, dst_port)
             reset(sock)
-            return
+            return False
         ctx = ConnContext(
             direction="inbound", reporter="destination", src_ip=peer[0], src_port=peer[1], dst_ip=dst_ip,
             dst_port=dst_port, src_identity=None, dst_identity=target.identity,
@@ -50,19 +73,20 @@ class PlaintextInboundHandler:
             log.info("inbound plaintext %s:%d -> %s:%d denied: %s", peer[0], peer[1], dst_ip, dst_port,
                      decision.reason)
             reset(sock)
-            return
-        relay = TcpRelay(pi.observer.opened(ctx))
+            return False
+        relay = TcpRelay(pi.observer.opened(ctx), on_done=lambda _failure: release())
         try:
             await connect_upstream(pi.settings, (dst_ip, dst_port), peer[0], lambda: relay.server)
         except OSError as exc:
-            log.info("inbound plaintext %s -> %s:%d: connect failed: %s", peer[0], dst_ip, dst_port, exc)
+            log.info("inbound plaintext %s -> %s:%d: connect failed: %s", peer[0], dst_ip, dst_port, str(exc))
             relay.tracker.closed(Failure(Reason.CONNECT_FAILED, f"connect failed: {exc}"))
             reset(sock)
-            return
+            return False
         pi.connections.track(relay)
         try:
             await adopt(sock, relay.client)
         except OSError as exc:
             relay.abort(Failure(Reason.CLIENT_LOST, f"client connection lost: {exc}"))
-            return
+            return True
         relay.start()
+        return True

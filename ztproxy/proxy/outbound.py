@@ -113,7 +113,7 @@ class OutboundHandler:
         try:
             dst_ip, dst_port = original_destination(sock)
         except OSError as exc:
-            log.warning("outbound from %s: cannot read the original destination: %s", peer, exc)
+            log.warning("outbound from %s: cannot read the original destination: %s", peer, str(exc))
             reset(sock)
             return
         if (dst_ip, dst_port) == tuple(sock.getsockname()[:2]) and dst_port == self.own_port:

@@ -239,7 +239,10 @@ class H2Session(asyncio.BufferedProtocol):
         try:
             events = self.conn.receive_data(b"")
         except h2.exceptions.ProtocolError as exc:
-            log.warning("HTTP/2 protocol error from %s: %s", self.peername(), exc)
+            # str(exc), never exc itself, in every record a peer can cause: a handler that keeps records
+            # (a queue under load, a test's log capture) would otherwise pin the exception, its traceback
+            # and through the frames the whole closed connection, about 400 KiB each (issue 13 fuzz run).
+            log.warning("HTTP/2 protocol error from %s: %s", self.peername(), str(exc))
             self.flush()  # h2 queued a GOAWAY
             self.close_reason = f"HTTP/2 protocol error: {exc}"
             if self.transport is not None:
