@@ -143,7 +143,7 @@ def test_the_proxy_expose_switch_is_checked_up_front(tmp_path) -> None:
     proc = run(tmp_path, mesh(nodes(ztmesh_proxy_expose=["metrics", "admin"])))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert ("host n2: role ztmesh_node: value of ztmesh_proxy_expose must be one or more of: metrics, "
+    assert ("host n2: role ztmesh_common: value of ztmesh_proxy_expose must be one or more of: metrics, "
             "readiness. Got no match for: admin") in out, out
     good = run(tmp_path, mesh(nodes(), group_vars={"ztmesh_proxy_expose": ["metrics", "readiness"],
                                                    "ztmesh_proxy_expose_cidrs": ["10.20.0.0/16"]}))
