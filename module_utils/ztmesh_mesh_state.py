@@ -138,7 +138,7 @@ def mesh_state(fleet: Mapping[str, Any]) -> dict:
 # cut anywhere, or an empty one, is then refused by ztproxy and the signer, which keep their last good
 # state, instead of being loaded as a mesh without workloads. The format is written out here rather than
 # imported because this runs on the controller, where ztproxy need not be installed;
-# tests/unit/test_zh_mesh_seal.py checks that both sides agree.
+# tests/unit/test_mesh_state_seal.py checks that both sides agree.
 SEAL_HEADER = "# ztmesh-mesh-state v1"
 SEAL_TRAILER = "# ztmesh-mesh-state-end"
 _SECTIONS = ("workloads", "services", "policies")

@@ -1,4 +1,5 @@
-"""The data plane's hooks for authorization and telemetry (contract: docs/hooks-contract.md).
+"""The data plane's hooks for authorization and telemetry (docs/architecture.md, "The data plane's two
+hooks").
 
 The data plane calls an ``Authorizer`` for every inbound connection and a ``ConnectionObserver`` for
 every proxied connection. Implementations live elsewhere (ztproxy.authz, ztproxy.telemetry); the Proxy

@@ -16,7 +16,7 @@ the document holds, for the error message and as a second check. A file without 
 hand-written: it is not sealed and is accepted as it is, except when it holds no document at all.
 
 docs/ztproxy.md ("Mesh state integrity") describes the format; the renderer writes exactly this, and
-``tests/unit/test_zh_mesh_seal.py`` checks both sides against each other.
+``tests/unit/test_mesh_state_seal.py`` checks both sides against each other.
 """
 
 from __future__ import annotations

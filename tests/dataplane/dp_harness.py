@@ -1,4 +1,4 @@
-"""Harness of tests/netns/test_dp_*.py: simulated nodes as network namespaces, the ztmesh_node role
+"""Harness of tests/netns/test_dataplane_*.py: simulated nodes as network namespaces, the ztmesh_node role
 applied to them with ansible-playbook, real packets, and snapshots of every kernel object.
 
 Topology (addresses exist only inside these namespaces)::

@@ -20,7 +20,7 @@ from conftest import EXAMPLES, Replay
 from fuzzlib import PREFACE, frame, frames
 from hypothesis import given
 from hypothesis import strategies as st
-from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
+from proxy_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
 SERVER_IP, CLIENT_IP = "127.0.0.3", "127.0.0.2"
 PING = b"ztfuzz!!"

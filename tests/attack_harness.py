@@ -1,4 +1,4 @@
-"""Harness of the attack tests (tests/netns/test_proxy_attack_*.py): a real ``ztproxy run`` process in a
+"""Harness of the attack tests (tests/netns/test_ztproxy_attack_*.py): a real ``ztproxy run`` process in a
 throwaway network namespace, attacked over real TLS and real sockets by a raw HTTP/2 client that is
 independent of ztproxy (``ssl`` + ``hyperframe`` + ``hpack``), and backends that count what reaches
 them.
@@ -38,8 +38,8 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 from pki import Leaf
+from proxy_harness import REPO, MeshFiles, client_tls_context, stop_process, workload, ztproxy_cmd
 from pyroute2 import netns as pyroute2_netns
-from zp_harness import REPO, MeshFiles, client_tls_context, stop_process, workload, ztproxy_cmd
 
 SERVER_IP, OTHER_IP, CLIENT_IP, STRANGER_IP = "127.0.0.3", "127.0.0.4", "127.0.0.2", "127.0.0.5"
 BACKEND_PORT = 8080

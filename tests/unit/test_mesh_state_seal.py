@@ -18,7 +18,7 @@ from typing import Any, Dict
 
 import pytest
 import yaml
-from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
+from proxy_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
 from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_inventory as inventory
 from ansible_collections.ztmesh.mesh.plugins.module_utils import ztmesh_mesh_state as renderer

@@ -303,3 +303,56 @@ def test_json_access_log_and_open_lines():
 def test_access_log_formatter_rejects_unknown_format():
     with pytest.raises(ValueError, match="expected one of text, json"):
         AccessLogFormatter("xml")
+
+
+# ----------------------------------------------------------------- byte direction and response flags
+
+def _ctx(reporter: str) -> ConnContext:
+    inbound = reporter == "destination"
+    return ConnContext(direction="inbound" if inbound else "outbound", reporter=reporter, src_ip="10.0.0.1",
+                       src_port=40000, dst_ip="10.0.0.2", dst_port=8080,
+                       src_identity="spiffe://cluster.local/ns/a/sa/web",
+                       dst_identity="spiffe://cluster.local/ns/b/sa/api", src_workload=None,
+                       dst_workload=None, dst_service=None, protocol="HBONE", security_policy="mutual_tls")
+
+
+@pytest.mark.parametrize("reporter, log_sent, log_recv", [("source", 100, 7), ("destination", 7, 100)])
+def test_bytes_metrics_follow_istio_and_the_log_the_reporting_workload(reporter, log_sent, log_recv,
+                                                                      caplog) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    metrics = TrafficMetrics(new_registry())
+    tracker = Telemetry(metrics, AccessLog()).opened(_ctx(reporter))
+    tracker.add_received(100)  # the client sent the request
+    tracker.add_sent(7)  # the server answered
+    tracker.closed(None)
+    labels = tracker.labels
+    assert labels[0] == reporter
+    # metrics: request/response for both reporters (Istio's definitions, ztunnel's copy loop)
+    assert metrics.received_bytes.value(labels) == 100 and metrics.sent_bytes.value(labels) == 7
+    # access log: from the reporting workload's side (the source sent the request)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert f"bytes_recv={log_recv} bytes_sent={log_sent}" in line
+
+
+def test_other_failures_close_with_ztunnels_connect_flag() -> None:
+    metrics = TrafficMetrics(new_registry())
+    tracker = Telemetry(metrics, AccessLog()).opened(_ctx("source"))
+    tracker.closed(Failure(Reason.CONNECT_FAILED, "connect failed: [Errno 111] Connection refused"))
+    flag = TRAFFIC_LABELS.index("response_flags")
+    failed = tracker.labels[:flag] + ("CONNECT",) + tracker.labels[flag + 1:]
+    assert metrics.closed.value(failed) == 1 and metrics.failed.value(failed) == 1
+    assert metrics.closed.value(tracker.labels) == 0
+    ok = Telemetry(metrics, AccessLog()).opened(_ctx("source"))
+    ok.closed()
+    assert metrics.closed.value(ok.labels) == 1 and ok.labels[flag] == "-"
+
+
+def test_a_denial_closes_with_ztunnels_deny_flag_and_opens_without_it() -> None:
+    metrics = TrafficMetrics(new_registry())
+    tracker = Telemetry(metrics, AccessLog()).opened(_ctx("destination"))
+    tracker.closed(Failure(Reason.DENIED, "denied: no ALLOW policy matches"))
+    flag = TRAFFIC_LABELS.index("response_flags")
+    denied = tracker.labels[:flag] + ("DENY",) + tracker.labels[flag + 1:]
+    assert tracker.labels[flag] == "-" and metrics.opened.value(tracker.labels) == 1
+    assert metrics.closed.value(denied) == 1 and metrics.failed.value(denied) == 1
+    assert metrics.closed.value(tracker.labels) == 0 and metrics.failed.value(tracker.labels) == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from zp_attack import (
+from attack_harness import (
     BACKEND_PORT,
     ENHANCE_YOUR_CALM,
     SERVER_IP,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_zi_signer import MESH, NODE1, TD, Mesh, Signer  # noqa: E402
+from test_identity_signer_service import MESH, NODE1, TD, Mesh, Signer  # noqa: E402
 
 from ztproxy.identity import pki  # noqa: E402
 from ztproxy.identity.client import CaUnavailable  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Iterator, Tuple
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from zp_harness import EchoServer, H2TunnelClient, MeshFiles, client_tls_context, workload
+from proxy_harness import EchoServer, H2TunnelClient, MeshFiles, client_tls_context, workload
 
 from ztproxy.app import App
 from ztproxy.config import settings_from_dict

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dataplane"))
 from dp_harness import EXT_IP, PYTHON, Topology, run_role, sh, snapshot  # noqa: E402
 from pki import CA  # noqa: E402
-from zp_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env  # noqa: E402
+from proxy_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 PROXY, TUN_IN, TUN_OUT = "192.168.125.2", "192.168.126.2", "192.168.127.2"

@@ -19,7 +19,7 @@ import time
 from typing import List, Optional
 
 import pytest
-from zp_attack import BACKEND_PORT, SERVER_IP, Backend, Proxy, in_netns
+from attack_harness import BACKEND_PORT, SERVER_IP, Backend, Proxy, in_netns
 
 pytestmark = pytest.mark.timeout(180)
 

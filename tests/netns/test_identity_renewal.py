@@ -17,8 +17,8 @@ from typing import Iterator
 import pytest
 import yaml
 from cryptography import x509
+from proxy_harness import H2TunnelClient, client_tls_context, stop_process, ztproxy_cmd, ztproxy_env
 from pyroute2 import netns as pyroute2_netns
-from zp_harness import H2TunnelClient, client_tls_context, stop_process, ztproxy_cmd, ztproxy_env
 
 from ztproxy.identity import pki
 

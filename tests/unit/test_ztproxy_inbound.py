@@ -23,7 +23,7 @@ import h2.config
 import h2.connection
 import pytest
 from pki import CA, now
-from zp_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
+from proxy_harness import EchoServer, H2TunnelClient, MeshFiles, ProxyThread, client_tls_context, workload
 
 from ztproxy.hooks import ConnContext, Decision, Failure, Reason
 

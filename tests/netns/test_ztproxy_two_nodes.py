@@ -19,7 +19,7 @@ from typing import Dict, Iterator
 
 import pytest
 from pki import CA
-from zp_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env
+from proxy_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env
 
 SIZE = int(os.environ.get("ZP_TRANSFER_BYTES", 1 << 30))  # 1 GiB; smaller for quick local runs
 MARKER = "ZTMESH-PLAINTEXT-MARKER-7f3a9c"

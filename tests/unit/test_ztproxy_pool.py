@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from zp_harness import MeshFiles, ProxyThread, workload
+from proxy_harness import MeshFiles, ProxyThread, workload
 
 from ztproxy.proxy.h2.client import HboneError
 

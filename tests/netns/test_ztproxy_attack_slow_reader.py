@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from zp_attack import BACKEND_PORT, SERVER_IP, Backend, Proxy, RawH2, normal_request
+from attack_harness import BACKEND_PORT, SERVER_IP, Backend, Proxy, RawH2, normal_request
 
 pytestmark = pytest.mark.timeout(150)
 

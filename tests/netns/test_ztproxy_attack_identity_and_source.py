@@ -13,8 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from hyperframe.frame import GoAwayFrame, RstStreamFrame
-from zp_attack import (
+from attack_harness import (
     BACKEND_PORT,
     CLIENT_IP,
     OTHER_IP,
@@ -26,6 +25,7 @@ from zp_attack import (
     RawH2,
     normal_request,
 )
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 from pki import CA, now
-from zp_harness import MeshFiles
+from proxy_harness import MeshFiles
 
 from ztproxy.certs import CertError, CertStore, IdentityFiles, validate_identity
 from ztproxy.identity.pki import IdentityError, SpiffeId

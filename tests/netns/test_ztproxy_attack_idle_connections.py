@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from zp_attack import SERVER_IP, SETTINGS_TIMEOUT, Backend, Proxy, RawH2, goaway_of, normal_request
+from attack_harness import SERVER_IP, SETTINGS_TIMEOUT, Backend, Proxy, RawH2, goaway_of, normal_request
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from zp_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env
+from proxy_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env
 
 from ztproxy.identity import pki
 from ztproxy.identity.renewer import RenewerSettings, run_renewer

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from attack_harness import ENHANCE_YOUR_CALM, SERVER_IP, Backend, Proxy, RawH2, goaway_of, normal_request
 from hyperframe.frame import SettingsFrame
-from zp_attack import ENHANCE_YOUR_CALM, SERVER_IP, Backend, Proxy, RawH2, goaway_of, normal_request
 
 pytestmark = pytest.mark.timeout(120)
 

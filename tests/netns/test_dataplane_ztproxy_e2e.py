@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dataplane"))
 from dp_harness import Topology, run_role, sh  # noqa: E402
 from pki import CA  # noqa: E402
-from zp_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env  # noqa: E402
+from proxy_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 MARKER = "ZTMESH-DATAPLANE-E2E-5c1d"

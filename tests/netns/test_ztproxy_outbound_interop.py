@@ -17,8 +17,8 @@ import h2.connection
 import h2.events
 import pytest
 from pki import Leaf
+from proxy_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env
 from pyroute2 import netns as pyroute_netns
-from zp_harness import MeshFiles, stop_process, wait_for_log, workload, ztproxy_cmd, ztproxy_env
 
 pytestmark = pytest.mark.timeout(120)
 CLIENT_IP, SERVER_IP, IMPOSTOR_IP, REFUSING_IP = "10.10.0.1", "10.10.0.2", "10.10.0.3", "10.10.0.4"

@@ -41,8 +41,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from pki import CA, Leaf
 from prometheus_client.parser import text_string_to_metric_families
-from pyroute2 import netns as pyroute2_netns
-from zp_harness import (
+from proxy_harness import (
     EchoServer,
     H2TunnelClient,
     MeshFiles,
@@ -52,6 +51,7 @@ from zp_harness import (
     ztproxy_cmd,
     ztproxy_env,
 )
+from pyroute2 import netns as pyroute2_netns
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -244,7 +244,7 @@ def settings_file(files: MeshFiles, dns_upstream: int, revocation: Dict[str, Any
         "dns": {"upstreams": [f"127.0.0.1:{dns_upstream}"], "resolv_conf": "/etc/resolv.conf",
                 "search_domains": [], "domain": "cluster.local"},
         "access_log": {"format": "json", "log_open": False},
-        # No CA address: no online renewal here (test_zw_renewal covers it); the other keys still parse.
+        # No CA address: no online renewal here (test_identity_renewal covers it); the other keys still parse.
         "ca": {"addresses": [], "identity": None, "server_name": None, "token_file": None,
                "cert_ttl": 86400, "renew_fraction": 0.5},
         "revocation": revocation,

@@ -133,3 +133,17 @@ def test_watcher_reloads_on_atomic_replace_and_keeps_state_on_bad_file(tmp_path,
         assert watcher.poll() is False
     assert "rejected the new mesh state" in caplog.text and "not-an-ip" in caplog.text
     assert watcher.current.workload_by_ip("10.0.0.2").name == "b"  # previous state kept
+
+
+MESH = {"workloads": [{"name": "api", "namespace": "backend", "workloadIps": ["10.0.0.2"], "node": "n"}]}
+ALLOW = {"name": "allow", "namespace": "backend", "scope": "Namespace", "action": "Allow", "rules": []}
+
+
+def test_the_mesh_state_is_refused_as_a_whole_for_one_bad_policy() -> None:
+    state = parse_mesh_state(dict(MESH, policies=[ALLOW]), "cluster.local")
+    assert sorted(state.policy_index.by_key) == ["backend/allow"]
+    with pytest.raises(MeshStateError, match=r"policy backend/oops \(policies\[1\]\)\.action: .*Audit"):
+        parse_mesh_state(dict(MESH, policies=[ALLOW, dict(ALLOW, name="oops", action="Audit")]),
+                         "cluster.local")
+    with pytest.raises(MeshStateError, match="policy backend/allow is defined twice"):
+        parse_mesh_state(dict(MESH, policies=[ALLOW, ALLOW]), "cluster.local")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from zp_attack import BACKEND_PORT, SERVER_IP, Backend, Proxy, RawH2
+from attack_harness import BACKEND_PORT, SERVER_IP, Backend, Proxy, RawH2
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from pki import now
-from zp_harness import (
+from proxy_harness import (
     EchoServer,
     H2TunnelClient,
     MeshFiles,
