@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any, Callable, Coroutine, Dict, List, Optional, Set
 
 from ztproxy.hooks import Failure
 from ztproxy.proxy.h2.session import H2Session
+from ztproxy.proxy.listener import reset
 
 log = logging.getLogger("ztproxy")
+inbound_log = logging.getLogger("ztproxy.inbound")
 
 
 class PeerCounter:
@@ -42,6 +45,17 @@ class PeerCounter:
             else:
                 self.counts.pop(address, None)  # no entry per address ever seen: the map stays small
 
+        return release
+
+    def admit_or_reset(self, sock: socket.socket, address: str, cap: int, listener: str,
+                       setting: str) -> Optional[Callable[[], None]]:
+        """admit(), and when ``address`` is at its cap, log the refusal (naming the setting that
+        sets the cap) and reset ``sock``; the caller then drops the connection (None returned)."""
+        release = self.admit(address, cap)
+        if release is None:
+            inbound_log.warning("inbound %s from %s refused: it already has %d connections (%s)",
+                                listener, address, cap, setting)
+            reset(sock)
         return release
 
 

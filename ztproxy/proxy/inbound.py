@@ -249,12 +249,9 @@ class HboneListener:
             return
         # The per-peer cap counts from the accept, handshakes included: a peer cannot hold more than
         # max_connections_per_peer TLS sessions (and their buffers) at once, whatever state they are in.
-        cap = pi.settings.max_connections_per_peer
-        release = pi.connections.hbone_peers.admit(peer[0], cap)
+        release = pi.connections.hbone_peers.admit_or_reset(
+            sock, peer[0], pi.settings.max_connections_per_peer, "HBONE", "max_connections_per_peer")
         if release is None:
-            log.warning("inbound HBONE from %s refused: it already has %d connections "
-                        "(max_connections_per_peer)", peer[0], cap)
-            reset(sock)
             return
         session = HboneServerSession(pi, dst)
         session.on_closed = release

@@ -31,12 +31,10 @@ class PlaintextInboundHandler:
 
     async def handle(self, sock: socket.socket, peer: Tuple) -> None:
         pi = self.inputs
-        cap = pi.settings.max_plaintext_connections_per_peer
-        release = pi.connections.plaintext_peers.admit(peer[0], cap)
+        release = pi.connections.plaintext_peers.admit_or_reset(
+            sock, peer[0], pi.settings.max_plaintext_connections_per_peer, "plaintext",
+            "max_plaintext_connections_per_peer")
         if release is None:
-            log.warning("inbound plaintext from %s refused: it already has %d connections "
-                        "(max_plaintext_connections_per_peer)", peer[0], cap)
-            reset(sock)
             return
         handed_over = False
         try:
